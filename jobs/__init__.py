@@ -1,0 +1,1 @@
+"""Ray entry points for the teacher-cache and student-training jobs."""

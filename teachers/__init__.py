@@ -1,0 +1,1 @@
+"""Teacher specs turned into loaded models with their preprocessing, fingerprint and outputs."""
