@@ -28,13 +28,16 @@ Run (from the repository root)::
     python benchmarks/bench_models.py --quick          # smoke subset, a few minutes on CPU
     python benchmarks/bench_models.py                  # full default sweep
     python benchmarks/bench_models.py --models regla_m,iformer_m --img-sizes 512,1024
+    python benchmarks/bench_models.py --models "regla_m,regla_m(elrf_dw5_in_ffn=False),iformer_m"
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -84,6 +87,24 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def parse_models(text: str) -> list[str]:
+    """Split a comma list of model specs; a spec may carry kwargs: `regla_m(elrf_dw5_in_ffn=False;attn_heads=2)`."""
+    return [m.strip() for m in re.findall(r"[^,(]+(?:\([^)]*\))?", text) if m.strip()]
+
+
+def split_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """`name(key=value;...)` -> (name, {key: literal value})."""
+    match = re.fullmatch(r"([\w.]+)(?:\((.*)\))?", spec)
+    if not match:
+        sys.exit(f"error: bad model spec {spec!r}; expected name or name(key=value;...)")
+    name, args = match.group(1), match.group(2) or ""
+    kwargs = {}
+    for item in filter(None, (a.strip() for a in args.split(";"))):
+        key, _, value = item.partition("=")
+        kwargs[key.strip()] = ast.literal_eval(value.strip())
+    return name, kwargs
+
+
 def check_models(names: list[str]) -> None:
     """Import regla when its models are requested and fail clearly on unknown names."""
     if any(n.startswith("regla_") for n in names):
@@ -92,18 +113,19 @@ def check_models(names: list[str]) -> None:
         except ImportError as e:
             sys.exit(f"error: regla models requested but `import regla` failed ({e}). "
                      "Install the package (pip install -e .) or pass --models without regla_*.")
-    unknown = [n for n in names if not timm.is_model(n)]
+    unknown = [n for n in names if not timm.is_model(split_spec(n)[0])]
     if unknown:
         sys.exit(f"error: unknown timm model(s): {', '.join(unknown)}")
 
 
-def build_model(name: str, cfg: BenchConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+def build_model(spec: str, cfg: BenchConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Create the model, measure params/MACs at 224 px (unfused), then prepare it for timing."""
-    model = timm.create_model(name, pretrained=False, num_classes=1000).eval()
+    name, kwargs = split_spec(spec)
+    model = timm.create_model(name, pretrained=False, num_classes=1000, **kwargs).eval()
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 3, 224, 224))
-    size = {"model": name, "params_m": round(params_m, 3),
+    size = {"model": spec, "params_m": round(params_m, 3),
             "gmacs_224": round(counter.get_total_flops() / 2 / 1e9, 3)}
     if cfg.fuse:
         model = reparameterize_model(model, inplace=True)
@@ -178,13 +200,13 @@ def run_config(models: dict[str, torch.nn.Module], size: int, batch: int, precis
 def format_table(records: list[dict[str, Any]]) -> str:
     ok = [r for r in records if r["status"] == "ok"]
     fastest = min((r["median_ms"] for r in ok), default=None)
-    lines = [f"{'model':<28} {'ms/batch':>10} {'img/s':>10} {'rel':>7}", "-" * 58]
+    lines = [f"{'model':<36} {'ms/batch':>10} {'img/s':>10} {'rel':>7}", "-" * 66]
     for r in sorted(records, key=lambda r: r["median_ms"] or float("inf")):
         if r["status"] == "ok":
-            lines.append(f"{r['model']:<28} {r['median_ms']:>10.2f} {r['imgs_per_s']:>10.1f} "
+            lines.append(f"{r['model']:<36} {r['median_ms']:>10.2f} {r['imgs_per_s']:>10.1f} "
                          f"{r['median_ms'] / fastest:>6.2f}x")
         else:
-            lines.append(f"{r['model']:<28} {r['status'].upper()}: {r['reason'][:80]}")
+            lines.append(f"{r['model']:<36} {r['status'].upper()}: {r['reason'][:80]}")
     return "\n".join(lines)
 
 
@@ -228,7 +250,7 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", help=f"comma list (default: {DEFAULT_MODELS})")
+    p.add_argument("--models", help=f"comma list; kwargs as name(key=value;...) (default: {DEFAULT_MODELS})")
     p.add_argument("--img-sizes", help="comma list of square sizes (default 224,512,1024)")
     p.add_argument("--batch-sizes", help="comma list (default 1,32)")
     p.add_argument("--precisions", help="comma list of fp32,bf16 (default both)")
@@ -246,7 +268,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-fuse", action="store_true", help="skip timm.utils.reparameterize_model")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave as is)")
     p.add_argument("--quick", action="store_true", help="fast smoke subset: " + json.dumps(QUICK))
-    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_models-<device>.json)")
+    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_models-<device>[-quick].json)")
     args = p.parse_args()
     for key, value in {**FULL, **QUICK}.items() if args.quick else FULL.items():
         if getattr(args, key) is None:
@@ -269,9 +291,10 @@ def main() -> None:
         max_time=args.max_time or (10.0 if on_cuda else 30.0))
     max_pixels = args.max_pixels_per_batch if args.max_pixels_per_batch is not None else (
         0 if on_cuda else CPU_MAX_PIXELS)
-    names = csv_list(args.models)
+    names = parse_models(args.models)
     check_models(names)
-    out = args.out or Path(__file__).resolve().parent / "results" / f"bench_models-{device}.json"
+    suffix = "-quick" if args.quick else ""  # a smoke run never overwrites a recorded full sweep
+    out = args.out or Path(__file__).resolve().parent / "results" / f"bench_models-{device}{suffix}.json"
 
     models: dict[str, torch.nn.Module] = {}
     sizes: list[dict[str, Any]] = []
@@ -279,9 +302,9 @@ def main() -> None:
         log(f"building {name} ...")
         models[name], size = build_model(name, cfg)
         sizes.append(size)
-    print(f"{'model':<28} {'params (M)':>10} {'GMACs@224':>10}")
+    print(f"{'model':<36} {'params (M)':>10} {'GMACs@224':>10}")
     for s in sizes:
-        print(f"{s['model']:<28} {s['params_m']:>10.2f} {s['gmacs_224']:>10.3f}")
+        print(f"{s['model']:<36} {s['params_m']:>10.2f} {s['gmacs_224']:>10.3f}")
 
     doc: dict[str, Any] = {"environment": environment(device),
                            "args": {**vars(args), "out": str(out), "max_pixels_per_batch": max_pixels},
