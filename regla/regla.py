@@ -28,7 +28,6 @@ a constructor argument so it can be changed without editing code:
 Variant sizes are tuned to land within 15% of the parameters and 20% of the MACs of the
 iFormer sibling (see docs/regla.md for the exact numbers).
 """
-from functools import partial
 from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
 
 import torch
