@@ -48,7 +48,8 @@ from typing import Any
 import timm
 import torch
 from timm.utils import reparameterize_model
-from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.model_stats import count_macs, count_params
 
 DEFAULT_MODELS = ("regla_t,regla_s,regla_m,regla_l,iformer_t,iformer_s,iformer_m,iformer_l,"
                   "efficientvit_b1,fastvit_sa12,mobilenetv4_hybrid_medium")
@@ -122,11 +123,8 @@ def build_model(spec: str, cfg: BenchConfig) -> tuple[torch.nn.Module, dict[str,
     """Create the model, measure params/MACs at 224 px (unfused), then prepare it for timing."""
     name, kwargs = split_spec(spec)
     model = timm.create_model(name, pretrained=False, num_classes=1000, **kwargs).eval()
-    params_m = sum(p.numel() for p in model.parameters()) / 1e6
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, 3, 224, 224))
-    size = {"model": spec, "params_m": round(params_m, 3),
-            "gmacs_224": round(counter.get_total_flops() / 2 / 1e9, 3)}
+    size = {"model": spec, "params_m": round(count_params(model) / 1e6, 3),
+            "gmacs_224": round(count_macs(model, torch.randn(1, 3, 224, 224)) / 1e9, 3)}
     if cfg.fuse:
         model = reparameterize_model(model, inplace=True)
     model = model.to(cfg.device)

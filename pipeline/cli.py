@@ -22,15 +22,11 @@ def _count(name: str, img_size: int) -> tuple[float, float]:
     """Return (params in millions, MACs in G) for one model at a square resolution."""
     import timm
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.model_stats import count_macs, count_params
 
     model = timm.create_model(name, pretrained=False).eval()
-    params_m = sum(p.numel() for p in model.parameters()) / 1e6
-    x = torch.randn(1, 3, img_size, img_size)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    macs_g = counter.get_total_flops() / 2 / 1e9
-    return params_m, macs_g
+    return count_params(model) / 1e6, count_macs(model, torch.randn(1, 3, img_size, img_size)) / 1e9
 
 
 @main.command()

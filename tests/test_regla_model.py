@@ -6,9 +6,9 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from timm.models._features_fx import create_feature_extractor, get_graph_node_names
 from timm.utils import reparameterize_model
-from torch.utils.flop_counter import FlopCounterMode
 
 import regla  # noqa: F401  (registers the models)
+from pipeline.model_stats import count_macs, count_params
 from regla.regla import ELRF
 
 VARIANTS = ["regla_t", "regla_s", "regla_m", "regla_l"]
@@ -20,12 +20,6 @@ IFORMER_SIZES = {
     "regla_m": (8.907e6, 1.640e9),
     "regla_l": (14.780e6, 2.827e9),
 }
-
-
-def count_macs(model: nn.Module, x: torch.Tensor) -> float:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops() / 2
 
 
 def randomize_batchnorm(model: nn.Module) -> None:
@@ -52,7 +46,7 @@ def test_forward_backward_every_param_gets_grad(name):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_size_within_budget_of_iformer_sibling(name):
     model = timm.create_model(name).eval()
-    params = sum(p.numel() for p in model.parameters())
+    params = count_params(model)
     macs = count_macs(model, torch.randn(1, 3, 224, 224))
     ref_params, ref_macs = IFORMER_SIZES[name]
     assert abs(params / ref_params - 1) <= 0.15, params
@@ -234,6 +228,6 @@ def test_elrf_receptive_field_is_7x7(dw5_in_ffn):
 def test_reconstruction_switches_change_the_model():
     base = timm.create_model("regla_t")
     alt = timm.create_model("regla_t", elrf_dw5_in_ffn=False, attn_heads=2, elrf_ratios=(1.0, 2.0))
-    assert sum(p.numel() for p in alt.parameters()) != sum(p.numel() for p in base.parameters())
+    assert count_params(alt) != count_params(base)
     out = alt.eval()(torch.randn(1, 3, 64, 64))
     assert out.shape == (1, 1000) and torch.isfinite(out).all()

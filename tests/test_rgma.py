@@ -3,9 +3,9 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 import regla  # noqa: F401
+from pipeline.model_stats import count_macs
 from regla.regla import RGMA
 
 
@@ -77,21 +77,19 @@ def test_attention_product_runs_in_fp32_under_autocast():
     assert seen == [torch.float32]
 
 
-def attention_flops(block: torch.nn.Module, side: int, dim: int) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        block(torch.randn(1, dim, side, side))
-    return counter.get_total_flops()
+def attention_macs(block: torch.nn.Module, side: int, dim: int) -> float:
+    return count_macs(block, torch.randn(1, dim, side, side))
 
 
 def test_cost_grows_linearly_with_tokens():
     dim = 64
     rgma = RGMA(dim).eval()
-    flops = [attention_flops(rgma, side, dim) for side in (16, 32, 64)]
-    # 4x the tokens -> exactly 4x the FLOPs (every term is per token or constant).
-    assert flops[1] / flops[0] == pytest.approx(4.0, rel=0.01)
-    assert flops[2] / flops[1] == pytest.approx(4.0, rel=0.01)
+    macs = [attention_macs(rgma, side, dim) for side in (16, 32, 64)]
+    # 4x the tokens -> exactly 4x the MACs (every term is per token or constant).
+    assert macs[1] / macs[0] == pytest.approx(4.0, rel=0.01)
+    assert macs[2] / macs[1] == pytest.approx(4.0, rel=0.01)
 
     # For contrast, iFormer's softmax attention (same widths) grows quadratically.
     shma = timm.create_model("iformer_t").stages[2].blocks[13].mixer.module.eval()
-    softmax = [attention_flops(shma, side, 128) for side in (16, 32, 64)]
+    softmax = [attention_macs(shma, side, 128) for side in (16, 32, 64)]
     assert softmax[2] / softmax[1] > 6.0
