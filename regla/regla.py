@@ -17,7 +17,8 @@ a constructor argument so it can be changed without editing code:
   so everything folds for inference; head = pool -> BN -> Linear.
 - ELRF (default, `elrf_dw5_in_ffn=True`): each iFormer DW7x7 block becomes two residual units,
   (a) x + FFN(BN(DW3x3(x))) and (b) x + PW-expand -> BN(DW5x5) on the expanded channels -> GELU
-  -> PW-project. Receptive field 3 + 5 - 1 = 7 with less memory traffic than one DW7x7.
+  -> PW-project. Receptive field 3 + 5 - 1 = 7 (the paper reports less memory traffic than one
+  DW7x7 on mobile; on CPU the extra residual unit costs memory passes, see docs/benchmarks.md).
   `elrf_dw5_in_ffn=False` gives (b) = x + FFN(BN(DW5x5(x))). Hidden widths: `elrf_ratios`.
 - RGMA (default): Q = ReLU(ConvBN(x)), K = ReLU(ConvBN(x)) with C / `attn_key_reduction`
   channels; [V, G] = ConvBN(x), G = sigmoid(G);
