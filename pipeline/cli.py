@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 
 import click
 
@@ -16,6 +18,21 @@ def main() -> None:
     store; ReGLA students are then trained from that cache as many times as
     needed. Both stages run on Ray.
     """
+
+
+@contextlib.contextmanager
+def _clean_errors() -> Iterator[None]:
+    """Turn the project's input errors (and OS errors such as a full disk) into one-line CLI errors."""
+    from pipeline.shards import DatasetError, ImageDecodeError
+    from pipeline.store import StoreError
+    from teachers import TeacherSpecError
+
+    try:
+        yield
+    except (DatasetError, ImageDecodeError, StoreError, TeacherSpecError) as e:
+        raise click.ClickException(str(e)) from e
+    except OSError as e:
+        raise click.ClickException(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)) from e
 
 
 def _count(name: str, img_size: int) -> tuple[float, float]:
@@ -54,6 +71,220 @@ def models(img_size: int, as_json: bool) -> None:
     for row in table:
         click.echo("  ".join([row[0].ljust(widths[0])] +
                              [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]))
+
+
+@main.command("make-shards")
+@click.option("--from-folder", "folder", type=click.Path(file_okay=False),
+              help="ImageNet-layout folder: one subfolder of images per class.")
+@click.option("--sample", type=click.Choice(["mnist"]),
+              help="Build the bundled sample instead: 5000 real MNIST digits, split into train and val.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output directory for the shards and their manifests.")
+@click.option("--samples-per-shard", default=500, show_default=True, type=click.IntRange(min=1),
+              help="Samples per tar shard; the last shard of a split may hold fewer.")
+@click.option("--split-name", default="train", show_default=True,
+              help="With --from-folder: the split name, giving OUT/SPLIT-000000.tar... and OUT/SPLIT.json.")
+@click.option("--img-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="With --sample: side of the square digit images, in pixels.")
+@click.option("--val-fraction", default=0.2, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="With --sample: fraction of each digit class held out as the val split.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the sample shuffle (and of the --sample split).")
+@click.option("--no-shuffle", is_flag=True,
+              help="With --from-folder: keep the sorted class/file order instead of mixing classes across shards.")
+@click.pass_context
+def make_shards(ctx: click.Context, folder: str | None, sample: str | None, out: str, samples_per_shard: int,
+                split_name: str, img_size: int, val_fraction: float, seed: int, no_shuffle: bool) -> None:
+    """Pack images into WebDataset tar shards (jpg + cls members) with a JSON manifest per split.
+
+    \b
+    Examples:
+    pipeline make-shards --from-folder /data/imagenet/train --out shards/ --samples-per-shard 1250
+    pipeline make-shards --sample mnist --out shards/mnist
+    """
+    if (folder is None) == (sample is None):
+        raise click.UsageError("give exactly one of --from-folder DIR or --sample mnist")
+    other_mode = ("split_name", "no_shuffle") if sample else ("img_size", "val_fraction")
+    misplaced = [f"--{name.replace('_', '-')}" for name in other_mode
+                 if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+    if misplaced:
+        raise click.UsageError(f"{', '.join(misplaced)} cannot be used with "
+                               f"{'--sample' if sample else '--from-folder'}")
+
+    import warnings
+
+    from pipeline.make_shards import make_mnist_sample, make_shards_from_folder
+    from pipeline.shards import read_manifest
+
+    # Warnings (skipped files) are shown as plain lines rather than with a source location.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _clean_errors():
+            if folder is not None:
+                manifests = [make_shards_from_folder(folder, out, samples_per_shard, split=split_name,
+                                                     shuffle=not no_shuffle, seed=seed)]
+            else:
+                manifests = make_mnist_sample(out, img_size=img_size, samples_per_shard=samples_per_shard,
+                                              val_fraction=val_fraction, seed=seed)
+    for warning in caught:
+        click.echo(f"Warning: {warning.message}", err=True)
+    for path in manifests:
+        manifest = read_manifest(path)
+        click.echo(f"{manifest['split']}: {manifest['num_samples']} samples in {len(manifest['shards'])} "
+                   f"shards, manifest {path}")
+
+
+def _float_list(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=flag) from None
+
+
+def _float_pair(text: str, flag: str) -> tuple[float, float]:
+    values = _float_list(text, flag)
+    if len(values) != 2:
+        raise click.BadParameter(f"expected two comma-separated numbers (min,max), got {text!r}", param_hint=flag)
+    return values
+
+
+def _cache_config(store_path: str, options: dict):
+    """The run's CacheConfig: flags given on the command line, else the existing store's, else defaults."""
+    from pipeline.store import CacheConfig, CacheStore, StoreError
+    from pipeline.views import ViewPolicy
+
+    defaults = {"views": 8, "topk": 10, "temperatures": "1", "feature_views": None, "center_view": False,
+                "crop_scale": "0.08,1", "crop_ratio": "0.75,1.3333333", "flip_prob": 0.5, "seed": 0}
+    try:
+        existing = CacheStore.open(store_path).config
+    except StoreError:
+        existing = None
+    if existing is not None:
+        views = existing.views
+        defaults.update(views=views.num_views, topk=existing.topk,
+                        temperatures=",".join(map(str, existing.temperatures)),
+                        feature_views=existing.num_feature_views, center_view=views.center_view,
+                        crop_scale=",".join(map(str, views.scale)), crop_ratio=",".join(map(str, views.ratio)),
+                        flip_prob=views.flip_prob, seed=views.seed)
+    value = {name: defaults[name] if options[name] is None else options[name] for name in defaults}
+    policy = ViewPolicy(num_views=value["views"], scale=_float_pair(value["crop_scale"], "--crop-scale"),
+                        ratio=_float_pair(value["crop_ratio"], "--crop-ratio"), flip_prob=value["flip_prob"],
+                        center_view=value["center_view"], seed=value["seed"])
+    if existing is not None and existing.views.center_crop_fraction != policy.center_crop_fraction:
+        policy = ViewPolicy(**{**policy.to_dict(), "center_crop_fraction": existing.views.center_crop_fraction})
+    return CacheConfig(views=policy, topk=value["topk"],
+                       temperatures=_float_list(value["temperatures"], "--temperatures"),
+                       feature_views=value["feature_views"])
+
+
+@main.command("cache-teachers")
+@click.option("--shards", "shards", required=True, multiple=True, metavar="URLS",
+              help="Shards: a brace pattern (data/train-{000000..000009}.tar), a directory, a manifest "
+                   "(.json from make-shards), or paths/fsspec URLs; repeat or comma-separate for a list.")
+@click.option("--store", "store_path", required=True, metavar="PATH",
+              help="Zarr store to create, resume or extend (local path or fsspec URL).")
+@click.option("--teacher", "teacher_specs", multiple=True, metavar="SPEC",
+              help="Teacher: NAME, NAME.pretrained_tag or NAME@/path/weights.safetensors, with optional "
+                   "',key=value' options (img_size, batch_size, dtype=fp32|bf16|fp16, features=false, "
+                   "num_classes, id). Repeat for several teachers.")
+@click.option("--teachers-file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML file with a list of teacher specs (strings or mappings).")
+@click.option("--views", type=click.IntRange(min=1), help="Augmented views per sample.  [default: 8]")
+@click.option("--topk", type=click.IntRange(min=1), help="Logits kept per view and teacher.  [default: 10]")
+@click.option("--temperatures", metavar="T1,T2", help="Temperatures at which log-sum-exp is stored.  [default: 1]")
+@click.option("--feature-views", type=click.IntRange(min=0),
+              help="Cache pooled features for the first V_f views only.  [default: all views]")
+@click.option("--center-view/--no-center-view", default=None,
+              help="Make view 0 the centre crop (no flip).  [default: no]")
+@click.option("--crop-scale", metavar="MIN,MAX", help="RandomResizedCrop area range.  [default: 0.08,1]")
+@click.option("--crop-ratio", metavar="MIN,MAX", help="RandomResizedCrop aspect ratio range.  [default: 3/4,4/3]")
+@click.option("--flip-prob", type=click.FloatRange(0, 1), help="Horizontal flip probability.  [default: 0.5]")
+@click.option("--seed", type=int, help="Seed of the views (and of --random-init weights).  [default: 0]")
+@click.option("--random-init", is_flag=True,
+              help="Allow teachers without weights (random, seeded): for plumbing tests only.")
+@click.option("--num-workers", type=click.IntRange(min=1),
+              help="Ray workers.  [default: one per GPU, else one per 8 CPUs]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where teachers run; auto uses GPUs when the Ray cluster has them.")
+@click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Retries of a failed shard before it is reported as failed.")
+@click.option("--address", metavar="ADDR",
+              help="Ray cluster address (e.g. ray://host:10001 or auto). Default: an embedded local Ray.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+def cache_teachers(shards: tuple[str, ...], store_path: str, teacher_specs: tuple[str, ...],
+                   teachers_file: str | None, random_init: bool, num_workers: int | None, device: str,
+                   max_retries: int, address: str | None, progress: bool, **view_options) -> None:
+    """Run teachers once over the shards and cache their per-view outputs in a Zarr store.
+
+    Each sample gets V augmented views (crop box + flip, deterministic from the seed
+    and the sample key); every teacher's top-k logits, log-sum-exp and pooled features
+    on each view are stored. Rerunning the same command resumes (completed shards are
+    skipped); adding a --teacher to an existing store computes only that teacher, on
+    the stored views. View settings not given are taken from an existing store.
+    """
+    from jobs.cache_teachers import CacheJob, run_cache_job
+    from teachers import load_teachers_file, parse_teacher_spec
+
+    with _clean_errors():
+        specs = [parse_teacher_spec(s) for s in teacher_specs]
+        if teachers_file:
+            specs += load_teachers_file(teachers_file)
+        job = CacheJob(shards=list(shards), store=store_path, teachers=specs,
+                       config=_cache_config(store_path, view_options), random_init=random_init,
+                       num_workers=num_workers, address=address, max_retries=max_retries, device=device)
+        summary = run_cache_job(job, progress=progress)
+    for line in summary.lines():
+        click.echo(line)
+    if summary.failed:
+        raise SystemExit(1)
+
+
+@main.command("inspect")
+@click.argument("store_path", metavar="STORE")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True), metavar="PNG",
+              help="Also write confidence/entropy histograms and teacher agreement to this PNG.")
+def inspect_store(store_path: str, as_json: bool, plot: str | None) -> None:
+    """Show what a teacher cache holds: teachers, k, views, coverage, size, fingerprints."""
+    from pipeline.store_report import format_report, plot_store, store_report
+
+    with _clean_errors():
+        report = store_report(store_path)
+        if plot:
+            plot_store(store_path, plot)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for line in format_report(report):
+            click.echo(line)
+    if plot:
+        click.echo(f"plot: {plot}", err=as_json)
+
+
+@main.command("verify")
+@click.argument("store_path", metavar="STORE")
+@click.option("--samples", "num_samples", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Random (sample, view) entries to recompute.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random choice.")
+@click.option("--shards", multiple=True, metavar="URLS",
+              help="Where the shards are now, if they moved since caching (same forms as cache-teachers).")
+@click.option("--device", default="cpu", show_default=True, help="Device to run the teachers on.")
+def verify(store_path: str, num_samples: int, seed: int, shards: tuple[str, ...], device: str) -> None:
+    """Recompute random cached entries with live teachers; exit 1 on a mismatch beyond fp16 tolerance."""
+    from pipeline.shards import expand_shard_urls
+    from pipeline.verify import verify_store
+
+    with _clean_errors():
+        urls = expand_shard_urls(list(shards)) if shards else None
+        report = verify_store(store_path, num_samples=num_samples, seed=seed, shards=urls, device=device)
+    click.echo(f"checked {report.checked} entries: max top-k logit error {report.max_logit_error:.2e}, "
+               f"max logsumexp error {report.max_logsumexp_error:.2e}, "
+               f"min feature cosine {report.min_feature_cosine:.5f}")
+    for line in report.mismatches[:20]:
+        click.echo(f"MISMATCH {line}", err=True)
+    if not report.ok:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

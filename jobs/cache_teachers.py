@@ -1,0 +1,256 @@
+"""The cache job: run every teacher over every shard once, on Ray, and fill the store.
+
+The driver indexes the shards, loads each teacher once to validate it and record
+its fingerprint, creates (or checks) the store, then hands out one shard at a time
+to ``ShardWorker`` actors. A shard whose task fails is retried a bounded number of
+times; a worker that dies is replaced and its shard retried. Completed shards are
+skipped on a rerun, so rerunning the same command resumes an interrupted run.
+The same code runs on an embedded local Ray and on a cluster (``address``).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+from pipeline.cache_shard import ShardCacher, ShardResult
+from pipeline.shards import DatasetIndex, index_dataset
+from pipeline.store import CacheConfig, CacheStore
+from teachers import Teacher, TeacherSpec, TeacherSpecError, load_teacher
+
+
+@dataclass
+class CacheJob:
+    """Everything ``pipeline cache-teachers`` asks for."""
+
+    shards: str | list[str]
+    store: str
+    teachers: list[TeacherSpec]
+    config: CacheConfig
+    random_init: bool = False
+    num_workers: int | None = None  # default: one per GPU, else one CPU worker per 8 CPUs (at least one)
+    address: str | None = None
+    max_retries: int = 2
+    device: str = "auto"  # "auto" (GPU when the cluster has one), "cpu" or "cuda"
+    # Testing hook: {shard: (kind, attempts)} makes the first `attempts` tries of that shard
+    # fail, by raising ("raise") or by killing the worker process ("exit").
+    faults: dict[int, tuple[str, int]] = field(default_factory=dict)
+
+
+@dataclass
+class CacheSummary:
+    store: str
+    num_shards: int
+    shards_done: int  # processed in this run
+    shards_skipped: int  # already complete before this run
+    failed: dict[str, str]  # shard name -> last error
+    samples: int
+    invalid: int
+    views: int
+    teachers: list[str]
+    bytes_on_disk: int
+    bytes_per_view: dict[str, float]  # teacher -> top-k logits + logsumexp bytes per view
+    feature_bytes_per_view: dict[str, float]
+    seconds: float
+    images_per_second: float
+
+    def lines(self) -> list[str]:
+        out = [f"store: {self.store}",
+               f"shards: {self.shards_done} cached now, {self.shards_skipped} already complete, "
+               f"{len(self.failed)} failed (of {self.num_shards})",
+               f"samples: {self.samples} ({self.invalid} invalid, skipped), views per sample: {self.views}",
+               f"teachers: {', '.join(self.teachers)}",
+               f"bytes on disk: {self.bytes_on_disk:,}"]
+        for tid in self.teachers:
+            line = f"  {tid}: {self.bytes_per_view[tid]:.1f} B/view (top-k + logsumexp)"
+            if self.feature_bytes_per_view.get(tid):
+                line += f", {self.feature_bytes_per_view[tid]:.1f} B/view (features)"
+            out.append(line)
+        out.append(f"throughput: {self.images_per_second:.1f} images/s over {self.seconds:.1f} s")
+        out += [f"FAILED {name}: {error}" for name, error in self.failed.items()]
+        return out
+
+
+def teacher_record(teacher: Teacher, random_init: bool) -> dict:
+    return {**teacher.record(), "random_init": bool(random_init)}
+
+
+def prepare_store(job: CacheJob, dataset: DatasetIndex) -> CacheStore:
+    """Load each teacher once (to fail early and fingerprint it), then open or create the store."""
+    ids = [spec.teacher_id for spec in job.teachers]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise TeacherSpecError(f"teacher id(s) {', '.join(duplicates)} given twice; "
+                               "give each teacher its own id with ',id=NAME'")
+    records = []
+    for spec in job.teachers:
+        teacher = load_teacher(spec, "cpu", random_init=job.random_init, seed=job.config.views.seed)
+        records.append((spec, teacher_record(teacher, job.random_init), teacher.num_classes, teacher.feature_dim))
+        del teacher
+    store = CacheStore.open_or_create(job.store, dataset, job.config)
+    for spec, record, num_classes, feature_dim in records:
+        store.add_teacher(spec.teacher_id, record, num_classes, feature_dim, spec.features)
+    return store
+
+
+class ShardWorker:
+    """A Ray actor: loads the teachers on first use, then caches one shard per call."""
+
+    def __init__(self, store_path: str, specs: list[dict], random_init: bool, seed: int, device: str,
+                 threads: int, faults: dict[int, tuple[str, int]]):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.store = CacheStore.open(store_path, mode="r+")
+        self.specs = {d["teacher_id"]: TeacherSpec.from_dict(d) for d in specs}
+        self.random_init, self.seed, self.device, self.faults = random_init, seed, device, faults
+        self.teachers: dict[str, Teacher] = {}
+
+    def _teacher(self, teacher_id: str) -> Teacher:
+        if teacher_id not in self.teachers:
+            teacher = load_teacher(self.specs[teacher_id], self.device, random_init=self.random_init, seed=self.seed)
+            expected = self.store.teacher_record(teacher_id)["weights_sha256"]
+            if teacher.weights_sha256 != expected:
+                raise TeacherSpecError(f"teacher '{teacher_id}' loaded on this worker has weights sha256 "
+                                       f"{teacher.weights_sha256}, the store recorded {expected}: the weights "
+                                       "changed, or this node sees another file")
+            self.teachers[teacher_id] = teacher
+        return self.teachers[teacher_id]
+
+    def process(self, shard: int, url: str, teacher_ids: list[str], attempt: int) -> ShardResult:
+        kind, attempts = self.faults.get(shard, ("", 0))
+        if attempt < attempts:
+            if kind == "exit":
+                os._exit(1)
+            raise RuntimeError(f"injected fault on shard {shard}, attempt {attempt}")
+        teachers = {tid: self._teacher(tid) for tid in teacher_ids}
+        return ShardCacher(self.store, teachers, self.device).process(shard, url, teacher_ids)
+
+
+@dataclass
+class _WorkerPlan:
+    count: int
+    device: str
+    threads: int
+    num_cpus: float
+    num_gpus: float
+
+
+def _plan_workers(job: CacheJob) -> _WorkerPlan:
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    node_cpus = min(int(n["Resources"].get("CPU", 1)) for n in nodes) if nodes else (os.cpu_count() or 1)
+    if job.device == "cuda" or (job.device == "auto" and gpus > 0):
+        count = job.num_workers or max(gpus, 1)
+        return _WorkerPlan(count, "cuda", threads=max(1, node_cpus // max(1, gpus)), num_cpus=1, num_gpus=1)
+    total_cpus = int(ray.cluster_resources().get("CPU", node_cpus))
+    count = job.num_workers or max(1, total_cpus // 8)
+    per_node = math.ceil(count / max(1, len(nodes)))
+    # A small fixed CPU reservation: workers always get scheduled, even on 2 cores, and the
+    # real parallelism is set by the torch threads each worker uses.
+    return _WorkerPlan(count, "cpu", threads=max(1, node_cpus // per_node), num_cpus=0.5, num_gpus=0)
+
+
+def _run_on_ray(job: CacheJob, store: CacheStore, dataset: DatasetIndex, work: list[tuple[int, list[str]]],
+                progress: bool) -> tuple[list[ShardResult], dict[int, str]]:
+    import ray
+    from tqdm import tqdm
+
+    plan = _plan_workers(job)
+    remote_worker = ray.remote(ShardWorker).options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
+                                                    scheduling_strategy="SPREAD", max_restarts=0)
+    specs = [spec.to_dict() for spec in job.teachers]
+
+    def new_worker():
+        return remote_worker.remote(job.store, specs, job.random_init, job.config.views.seed, plan.device,
+                                    plan.threads, job.faults)
+
+    idle = [new_worker() for _ in range(min(plan.count, len(work)))]
+    queue = collections.deque((shard, tids, 0) for shard, tids in work)
+    in_flight: dict = {}
+    results: list[ShardResult] = []
+    failed: dict[int, str] = {}
+    total = sum(dataset.shards[shard].num_samples for shard, _ in work)
+    with tqdm(total=total, unit="img", desc="cache-teachers", disable=not progress, dynamic_ncols=True) as bar:
+        while queue or in_flight:
+            while queue and idle:
+                shard, tids, attempt = queue.popleft()
+                worker = idle.pop()
+                ref = worker.process.remote(shard, dataset.shards[shard].url, tids, attempt)
+                in_flight[ref] = (worker, shard, tids, attempt)
+            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            worker, shard, tids, attempt = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                idle.append(new_worker())  # the worker died: replace it
+                error = f"worker died: {e}"
+            except ray.exceptions.RayTaskError as e:
+                idle.append(worker)
+                error = str(e.cause if e.cause is not None else e).strip().splitlines()[-1]
+            else:
+                idle.append(worker)
+                results.append(result)
+                bar.update(result.num_samples)
+                continue
+            if attempt < job.max_retries:
+                queue.append((shard, tids, attempt + 1))
+            else:
+                failed[shard] = error
+                bar.set_postfix(failed=len(failed))
+    for worker in idle:
+        ray.kill(worker)
+    return results, failed
+
+
+def _summarize(job: CacheJob, store: CacheStore, dataset: DatasetIndex, results: list[ShardResult],
+               failed: dict[int, str], skipped: int, seconds: float) -> CacheSummary:
+    import numpy as np
+
+    views = store.config.views.num_views
+    counts = np.array(store.dataset_fingerprint["counts"])
+    samples_done = store.samples_done()
+    valid = store.group["samples/valid"][:].reshape(store.num_shards, store.rows_per_shard).sum(axis=1)
+    invalid = int((counts - valid)[samples_done].sum())
+    usage = store.usage()
+    bytes_per_view, feature_bytes_per_view = {}, {}
+    for spec in job.teachers:
+        tid = spec.teacher_id
+        covered = int(valid[store.teacher_done(tid)].sum())
+        teacher_usage = usage["teachers"][tid]
+        bytes_per_view[tid] = teacher_usage["logits_bytes"] / max(1, covered * views)
+        feature_bytes_per_view[tid] = teacher_usage["features_bytes"] / max(1, covered * store.config.num_feature_views)
+    images = sum(r.num_samples for r in results)
+    return CacheSummary(
+        store=job.store, num_shards=store.num_shards, shards_done=len(results), shards_skipped=skipped,
+        failed={dataset.shards[s].name: e for s, e in sorted(failed.items())},
+        samples=dataset.num_samples, invalid=invalid, views=views,
+        teachers=[spec.teacher_id for spec in job.teachers], bytes_on_disk=usage["bytes"],
+        bytes_per_view=bytes_per_view, feature_bytes_per_view=feature_bytes_per_view,
+        seconds=seconds, images_per_second=images / seconds if seconds > 0 else 0.0)
+
+
+def run_cache_job(job: CacheJob, progress: bool = True) -> CacheSummary:
+    """Cache every teacher of ``job`` over every shard not cached yet; return the summary."""
+    from jobs.ray_env import ray_session
+
+    if not job.teachers:
+        raise TeacherSpecError("no teacher given: pass --teacher SPEC (one or more) or --teachers-file")
+    start = time.perf_counter()
+    dataset = index_dataset(job.shards)
+    store = prepare_store(job, dataset)
+    done = {spec.teacher_id: store.teacher_done(spec.teacher_id) for spec in job.teachers}
+    work = [(shard, pending) for shard in range(len(dataset.shards))
+            if (pending := [tid for tid, flags in done.items() if not flags[shard]])]
+    results: list[ShardResult] = []
+    failed: dict[int, str] = {}
+    if work:
+        with ray_session(job.address):
+            results, failed = _run_on_ray(job, store, dataset, work, progress)
+    return _summarize(job, store, dataset, results, failed, skipped=len(dataset.shards) - len(work),
+                      seconds=time.perf_counter() - start)

@@ -1,0 +1,149 @@
+"""What a teacher cache holds: the report behind ``pipeline inspect`` and its plot."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.store import CacheStore
+
+
+def teacher_probabilities(topk_logits: np.ndarray, logsumexp_t1: np.ndarray, num_classes: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k probabilities [..., k] and the mass left for each other class [...] (temperature 1)."""
+    probs = np.exp(topk_logits.astype(np.float64) - logsumexp_t1[..., None])
+    probs = np.minimum(probs, 1.0)
+    rest = np.clip(1.0 - probs.sum(-1), 0.0, 1.0)
+    others = max(1, num_classes - topk_logits.shape[-1])
+    return probs, rest / others
+
+
+def confidence_and_entropy(topk_logits: np.ndarray, logsumexp_t1: np.ndarray, num_classes: int
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """Max probability and entropy (nats) of the distribution the cache encodes."""
+    probs, other = teacher_probabilities(topk_logits, logsumexp_t1, num_classes)
+    others = num_classes - topk_logits.shape[-1]
+    entropy = -(probs * np.log(np.maximum(probs, 1e-12))).sum(-1)
+    entropy -= others * other * np.log(np.maximum(other, 1e-12))
+    return probs[..., 0], entropy
+
+
+def _covered_rows(store: CacheStore, done: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    rows = np.zeros(store.num_shards * store.rows_per_shard, bool)
+    for shard in np.flatnonzero(done):
+        rows[store.shard_rows(int(shard))] = True
+    return rows & valid
+
+
+def store_report(path: str) -> dict:
+    """Teachers, k, views, coverage, sizes and compression of the store at ``path``."""
+    store = CacheStore.open(path)
+    attrs, config = store.attrs, store.config
+    valid = store.group["samples/valid"][:]
+    views = config.views.num_views
+    usage = store.usage()
+    raw_covered = 0
+    teachers = {}
+    for tid in store.teacher_ids:
+        record, done = store.teacher_record(tid), store.teacher_done(tid)
+        covered = int(_covered_rows(store, done, valid).sum())
+        teacher_usage = usage["teachers"][tid]
+        fraction = done.mean() if len(done) else 0.0
+        raw_covered += (teacher_usage["logits_raw_bytes"] + teacher_usage["features_raw_bytes"]) * fraction
+        teachers[tid] = {
+            "model": record["spec"]["model_name"],
+            "weights_source": record["weights_source"],
+            "weights_sha256": record["weights_sha256"],
+            "num_classes": record["num_classes"],
+            "feature_dim": record["feature_dim"] if "features" in store.teacher(tid) else None,
+            "input_size": record["preprocessing"]["input_size"],
+            "shards_done": int(done.sum()),
+            "samples_covered": covered,
+            "coverage": covered / max(1, int(valid.sum())),
+            "bytes": teacher_usage["logits_bytes"] + teacher_usage["features_bytes"],
+            "bytes_per_view": teacher_usage["logits_bytes"] / max(1, covered * views),
+            "feature_bytes_per_view": teacher_usage["features_bytes"] / max(1, covered * config.num_feature_views),
+        }
+    stored_teacher_bytes = sum(t["bytes"] for t in teachers.values())
+    return {
+        "store": path,
+        "format_version": attrs["format_version"],
+        "created": attrs["created"],
+        "dataset": {"fingerprint": store.dataset_fingerprint, "num_samples": attrs["dataset"]["num_samples"],
+                    "valid_samples_cached": int(valid.sum()),
+                    "shards_with_samples": int(store.samples_done().sum()), "num_shards": store.num_shards},
+        "topk": config.topk,
+        "temperatures": list(config.temperatures),
+        "views": config.views.to_dict(),
+        "feature_views": config.num_feature_views,
+        "teachers": teachers,
+        "bytes": usage["bytes"],
+        "compression_ratio": raw_covered / stored_teacher_bytes if stored_teacher_bytes else None,
+        "library_versions": attrs["library_versions"],
+    }
+
+
+def format_report(report: dict) -> list[str]:
+    lines = [f"store: {report['store']} (format {report['format_version']}, created {report['created']})",
+             f"dataset: {report['dataset']['num_samples']} samples in {report['dataset']['num_shards']} shards, "
+             f"keys sha256 {report['dataset']['fingerprint']['keys_sha256'][:16]}...",
+             f"views: {report['views']['num_views']} per sample (features for {report['feature_views']}), "
+             f"top-{report['topk']}, temperatures {report['temperatures']}",
+             f"size: {report['bytes']:,} bytes"
+             + (f", compression {report['compression_ratio']:.2f}x" if report["compression_ratio"] else "")]
+    for tid, t in report["teachers"].items():
+        lines.append(f"teacher {tid}: {t['model']} ({t['weights_source']}, sha256 {t['weights_sha256'][:16]}...), "
+                     f"{t['num_classes']} classes, input {t['input_size']}")
+        feature = f", {t['feature_bytes_per_view']:.1f} B/view features (D={t['feature_dim']})" \
+            if t["feature_dim"] else ""
+        lines.append(f"  coverage {t['coverage']:.1%} ({t['shards_done']}/{report['dataset']['num_shards']} shards), "
+                     f"{t['bytes_per_view']:.1f} B/view logits{feature}")
+    return lines
+
+
+def plot_store(path: str, png: str, max_rows: int = 100_000) -> None:
+    """Per-teacher confidence and entropy histograms and the teachers' top-1 agreement matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    store = CacheStore.open(path)
+    valid = store.group["samples/valid"][:]
+    ids = store.teacher_ids
+    rows = {tid: np.flatnonzero(_covered_rows(store, store.teacher_done(tid), valid))[:max_rows] for tid in ids}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    top1 = {}
+    for tid in ids:
+        group = store.teacher(tid)
+        if not len(rows[tid]):
+            continue
+        logits = group["topk_logits"].get_orthogonal_selection((rows[tid], slice(None), slice(None)))
+        lse = group["logsumexp"].get_orthogonal_selection((rows[tid], slice(None), 0))
+        confidence, entropy = confidence_and_entropy(logits, lse, store.teacher_record(tid)["num_classes"])
+        axes[0].hist(confidence.ravel(), bins=50, range=(0, 1), alpha=0.5, label=tid)
+        axes[1].hist(entropy.ravel(), bins=50, alpha=0.5, label=tid)
+        top1[tid] = group["topk_index"].get_orthogonal_selection((rows[tid], slice(None), 0))
+    axes[0].set(title="confidence (max probability)", xlabel="p", ylabel="views")
+    axes[1].set(title="entropy", xlabel="nats")
+    for ax in axes[:2]:
+        ax.legend()
+    agreement = np.full((len(ids), len(ids)), np.nan)
+    for i, a in enumerate(ids):
+        for j, b in enumerate(ids):
+            if a in top1 and b in top1:
+                common = np.intersect1d(rows[a], rows[b])
+                ia, ib = np.searchsorted(rows[a], common), np.searchsorted(rows[b], common)
+                if len(common):
+                    agreement[i, j] = (top1[a][ia] == top1[b][ib]).mean()
+    image = axes[2].imshow(agreement, vmin=0, vmax=1, cmap="viridis")
+    axes[2].set(title="top-1 agreement", xticks=range(len(ids)), yticks=range(len(ids)))
+    axes[2].set_xticklabels(ids, rotation=45, ha="right")
+    axes[2].set_yticklabels(ids)
+    for i in range(len(ids)):
+        for j in range(len(ids)):
+            if not np.isnan(agreement[i, j]):
+                axes[2].text(j, i, f"{agreement[i, j]:.2f}", ha="center", va="center", color="w")
+    fig.colorbar(image, ax=axes[2])
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

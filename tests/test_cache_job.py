@@ -1,0 +1,157 @@
+"""The cache job end to end on an embedded Ray: real tar shards, real teachers, a real Zarr store."""
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from jobs.cache_teachers import CacheJob, run_cache_job
+from pipeline.shards import DatasetError
+from pipeline.store import CacheConfig, CacheStore, StoreError
+from pipeline.verify import verify_store
+from pipeline.views import ViewPolicy
+from teachers import parse_teacher_spec
+
+TEACHERS = ["test_resnet,img_size=32,batch_size=8", "test_vit,img_size=32,batch_size=8,features=false"]
+SHARD_SIZES = (5, 5, 3)
+
+
+def _jpeg(rng, size=(24, 20)):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Three shards (5, 5, 3 samples); shard 1 holds a corrupt image and a sample without cls."""
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    for shard, count in enumerate(SHARD_SIZES):
+        with tarfile.open(root / f"train-{shard:06d}.tar", "w") as tar:
+            for i in range(count):
+                key = f"img/s{shard}_{i}"
+                image = _jpeg(rng)
+                if (shard, i) == (1, 1):
+                    image = image[: len(image) // 3]  # truncated JPEG
+                _add(tar, f"{key}.jpg", image)
+                if (shard, i) != (1, 3):
+                    _add(tar, f"{key}.cls", str(i % 3).encode())
+    return str(root)
+
+
+def _job(shards, store, teachers=TEACHERS, views=3, **kw):
+    config = CacheConfig(views=ViewPolicy(num_views=views, seed=1), topk=kw.pop("topk", 5),
+                         temperatures=(1.0, 4.0), feature_views=2)
+    return CacheJob(shards=shards, store=str(store), teachers=[parse_teacher_spec(t) for t in teachers],
+                    config=config, random_init=True, **kw)
+
+
+def _arrays(path):
+    store = CacheStore.open(str(path))
+    names = ["samples/key", "samples/label", "samples/valid", "views/box", "views/flip"]
+    for tid in store.teacher_ids:
+        names += [f"teachers/{tid}/{a}" for a in ("topk_logits", "topk_index", "logsumexp", "features", "done")
+                  if a in store.teacher(tid)]
+    return {name: store.group[name][:] for name in names}
+
+
+def _assert_identical(a, b, names=None):
+    for name in names or a:
+        assert np.array_equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory, ray_local):
+    """An uninterrupted run with both teachers."""
+    path = tmp_path_factory.mktemp("ref") / "cache.zarr"
+    summary = run_cache_job(_job(shards, path), progress=False)
+    return path, summary
+
+
+def test_uninterrupted_run_fills_every_row(reference, shards):
+    path, summary = reference
+    assert summary.failed == {} and summary.shards_done == 3 and summary.shards_skipped == 0
+    assert summary.samples == 13 and summary.invalid == 2 and summary.views == 3
+    assert summary.bytes_on_disk > 0
+    assert summary.bytes_per_view["test_resnet"] > 0 and summary.feature_bytes_per_view["test_resnet"] > 0
+    assert summary.feature_bytes_per_view["test_vit"] == 0
+    arrays = _arrays(path)
+    keys = arrays["samples/key"].reshape(3, 5)
+    assert list(keys[2]) == ["img/s2_0", "img/s2_1", "img/s2_2", "", ""]  # padding after a short shard
+    valid = arrays["samples/valid"].reshape(3, 5)
+    assert valid.sum() == 11 and not valid[1, 1] and not valid[1, 3] and not valid[2, 3:].any()
+    assert list(arrays["samples/label"][:5]) == [0, 1, 2, 0, 1]
+    assert arrays["samples/label"][8] == -1  # no cls
+    logits = arrays["teachers/test_resnet/topk_logits"]
+    assert logits.dtype == np.float16 and np.isfinite(logits).all()
+    # Top-k logits are sorted, and each view of a valid sample got its own outputs.
+    assert (np.diff(logits[arrays["samples/valid"]].astype(np.float32), axis=-1) <= 0).all()
+    assert not np.array_equal(logits[0, 0], logits[0, 1])
+    assert not logits[~arrays["samples/valid"]].any()  # invalid rows stay empty
+    assert arrays["teachers/test_resnet/features"].shape[1] == 2
+    # The outputs are the teachers' live outputs on the stored views.
+    report = verify_store(str(path), num_samples=8)
+    assert report.ok and report.checked == 16, report.mismatches
+    assert report.max_logit_error < 1e-2 and report.min_feature_cosine > 0.999
+
+
+def test_resume_after_failed_shard_is_bit_identical(reference, shards, tmp_path):
+    path = tmp_path / "cache.zarr"
+    first = run_cache_job(_job(shards, path, faults={1: ("raise", 99)}, max_retries=1), progress=False)
+    assert list(first.failed) == ["train-000001.tar"] and "injected fault" in first.failed["train-000001.tar"]
+    assert first.shards_done == 2
+    second = run_cache_job(_job(shards, path), progress=False)
+    assert second.failed == {} and second.shards_done == 1 and second.shards_skipped == 2
+    _assert_identical(_arrays(path), _arrays(reference[0]))
+    third = run_cache_job(_job(shards, path), progress=False)
+    assert third.shards_done == 0 and third.shards_skipped == 3
+
+
+def test_dead_worker_is_replaced(reference, shards, tmp_path):
+    path = tmp_path / "cache.zarr"
+    summary = run_cache_job(_job(shards, path, faults={0: ("exit", 1)}, max_retries=1), progress=False)
+    assert summary.failed == {} and summary.shards_done == 3
+    _assert_identical(_arrays(path), _arrays(reference[0]))
+
+
+def test_adding_a_teacher_computes_only_that_teacher(reference, shards, tmp_path):
+    path = tmp_path / "cache.zarr"
+    run_cache_job(_job(shards, path, teachers=TEACHERS[:1]), progress=False)
+    before = _arrays(path)
+    summary = run_cache_job(_job(shards, path, teachers=TEACHERS), progress=False)
+    assert summary.shards_done == 3
+    after = _arrays(path)
+    _assert_identical(before, after)  # the first teacher and the views are untouched
+    _assert_identical(after, _arrays(reference[0]))  # and the new teacher matches a joint run
+
+
+def test_store_of_other_views_or_dataset_refuses_to_mix(reference, shards, tmp_path):
+    path = reference[0]
+    with pytest.raises(StoreError, match="other settings.*num_views"):
+        run_cache_job(_job(shards, path, views=4), progress=False)
+    with pytest.raises(StoreError, match="another dataset"):
+        run_cache_job(_job(f"{shards}/train-{{000000..000001}}.tar", path), progress=False)
+
+
+def test_changed_teacher_weights_are_refused(reference, shards, tmp_path):
+    weights = tmp_path / "resnet.pth"
+    torch.save(timm.create_model("test_resnet").state_dict(), weights)
+    with pytest.raises(StoreError, match="already has a teacher 'test_resnet'"):
+        run_cache_job(_job(shards, reference[0], teachers=[f"test_resnet@{weights},img_size=32,batch_size=8"]),
+                      progress=False)
+
+
+def test_bad_shards_fail_before_any_work(tmp_path, ray_local):
+    with pytest.raises(DatasetError):
+        run_cache_job(_job(str(tmp_path / "missing-{0..2}.tar"), tmp_path / "c.zarr"), progress=False)
+    assert not (tmp_path / "c.zarr").exists()
