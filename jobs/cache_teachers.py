@@ -14,11 +14,12 @@ import collections
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.cache_shard import ShardCacher, ShardResult
 from pipeline.shards import DatasetIndex, index_dataset
-from pipeline.store import CacheConfig, CacheStore
+from pipeline.store import CacheConfig, CacheStore, StoreError
 from teachers import Teacher, TeacherSpec, TeacherSpecError, load_teacher
 
 
@@ -101,13 +102,21 @@ class ShardWorker:
 
     def __init__(self, store_path: str, specs: list[dict], random_init: bool, seed: int, device: str,
                  threads: int, faults: dict[int, tuple[str, int]]):
+        import timm  # noqa: F401  (imported now, while the driver is still preparing the store)
         import torch
 
         torch.set_num_threads(threads)
-        self.store = CacheStore.open(store_path, mode="r+")
+        self.store_path = store_path
         self.specs = {d["teacher_id"]: TeacherSpec.from_dict(d) for d in specs}
         self.random_init, self.seed, self.device, self.faults = random_init, seed, device, faults
         self.teachers: dict[str, Teacher] = {}
+        self._store: CacheStore | None = None
+
+    @property
+    def store(self) -> CacheStore:
+        if self._store is None:  # opened on first use: the driver creates the store after starting workers
+            self._store = CacheStore.open(self.store_path, mode="r+")
+        return self._store
 
     def _teacher(self, teacher_id: str) -> Teacher:
         if teacher_id not in self.teachers:
@@ -156,10 +165,9 @@ def _plan_workers(job: CacheJob) -> _WorkerPlan:
     return _WorkerPlan(count, "cpu", threads=max(1, node_cpus // per_node), num_cpus=0.5, num_gpus=0)
 
 
-def _run_on_ray(job: CacheJob, store: CacheStore, dataset: DatasetIndex, work: list[tuple[int, list[str]]],
-                progress: bool) -> tuple[list[ShardResult], dict[int, str]]:
+def _start_workers(job: CacheJob, count: int) -> tuple[list, Callable[[], object]]:
+    """Start ``count`` worker actors (their imports overlap the driver's store preparation)."""
     import ray
-    from tqdm import tqdm
 
     plan = _plan_workers(job)
     remote_worker = ray.remote(ShardWorker).options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
@@ -170,7 +178,15 @@ def _run_on_ray(job: CacheJob, store: CacheStore, dataset: DatasetIndex, work: l
         return remote_worker.remote(job.store, specs, job.random_init, job.config.views.seed, plan.device,
                                     plan.threads, job.faults)
 
-    idle = [new_worker() for _ in range(min(plan.count, len(work)))]
+    return [new_worker() for _ in range(min(plan.count, count))], new_worker
+
+
+def _run_on_ray(job: CacheJob, dataset: DatasetIndex, work: list[tuple[int, list[str]]], idle: list,
+                new_worker: Callable[[], object], progress: bool) -> tuple[list[ShardResult], dict[int, str]]:
+    """Hand out shards to the workers until each is done or out of retries."""
+    import ray
+    from tqdm import tqdm
+
     queue = collections.deque((shard, tids, 0) for shard, tids in work)
     in_flight: dict = {}
     results: list[ShardResult] = []
@@ -243,14 +259,32 @@ def run_cache_job(job: CacheJob, progress: bool = True) -> CacheSummary:
         raise TeacherSpecError("no teacher given: pass --teacher SPEC (one or more) or --teachers-file")
     start = time.perf_counter()
     dataset = index_dataset(job.shards)
-    store = prepare_store(job, dataset)
-    done = {spec.teacher_id: store.teacher_done(spec.teacher_id) for spec in job.teachers}
-    work = [(shard, pending) for shard in range(len(dataset.shards))
-            if (pending := [tid for tid, flags in done.items() if not flags[shard]])]
     results: list[ShardResult] = []
     failed: dict[int, str] = {}
-    if work:
+    if _maybe_pending(job, dataset):
         with ray_session(job.address):
-            results, failed = _run_on_ray(job, store, dataset, work, progress)
-    return _summarize(job, store, dataset, results, failed, skipped=len(dataset.shards) - len(work),
+            workers, new_worker = _start_workers(job, len(dataset.shards))
+            store = prepare_store(job, dataset)
+            work = _pending_work(job, store)
+            results, failed = _run_on_ray(job, dataset, work, workers, new_worker, progress)
+    else:
+        store = prepare_store(job, dataset)
+    return _summarize(job, store, dataset, results, failed, skipped=len(dataset.shards) - len(results) - len(failed),
                       seconds=time.perf_counter() - start)
+
+
+def _maybe_pending(job: CacheJob, dataset: DatasetIndex) -> bool:
+    """False only when an existing store already holds every shard of every requested teacher."""
+    try:
+        store = CacheStore.open(job.store)
+    except StoreError:
+        return True
+    return any(spec.teacher_id not in store.teacher_ids or not store.teacher_done(spec.teacher_id).all()
+               for spec in job.teachers)
+
+
+def _pending_work(job: CacheJob, store: CacheStore) -> list[tuple[int, list[str]]]:
+    """(shard, teachers still missing on it) for every shard that is not complete."""
+    done = {spec.teacher_id: store.teacher_done(spec.teacher_id) for spec in job.teachers}
+    return [(shard, pending) for shard in range(store.num_shards)
+            if (pending := [tid for tid, flags in done.items() if not flags[shard]])]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import os
 from collections.abc import Iterator
 
 import click
@@ -230,6 +232,8 @@ def cache_teachers(shards: tuple[str, ...], store_path: str, teacher_specs: tupl
         specs = [parse_teacher_spec(s) for s in teacher_specs]
         if teachers_file:
             specs += load_teachers_file(teachers_file)
+        # Workers may run in another directory (or on another node): give them absolute paths.
+        specs = [dataclasses.replace(s, weights=os.path.abspath(s.weights)) if s.weights else s for s in specs]
         job = CacheJob(shards=list(shards), store=store_path, teachers=specs,
                        config=_cache_config(store_path, view_options), random_init=random_init,
                        num_workers=num_workers, address=address, max_retries=max_retries, device=device)

@@ -32,15 +32,11 @@ from pipeline.views import ViewPolicy
 FORMAT = "regla-distill-teacher-cache"
 FORMAT_VERSION = 1
 
-# Blosc zstd level 5; the shuffle per array is the one that compressed real teacher
-# outputs best (benchmarks/bench_store_compression.py, docs/benchmarks.md).
-_SHUFFLE = {
-    "topk_logits": "shuffle",
-    "topk_index": "shuffle",
-    "logsumexp": "shuffle",
-    "features": "shuffle",
-    "box": "shuffle",
-}
+# Blosc zstd level 5 with byte shuffle compressed real teacher outputs best, or within 1%,
+# for every array; level 9 saves 1-10% more but encodes 10x slower
+# (benchmarks/bench_store_compression.py, docs/benchmarks.md).
+def _blosc() -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 
 
 class StoreError(ValueError):
@@ -166,7 +162,7 @@ class CacheStore:
         samples.create_array("done", shape=(num_shards,), chunks=(1,), dtype="bool", fill_value=False)
         view_group = group.create_group("views")
         view_group.create_array("box", shape=(rows, views, 4), chunks=(chunk, views, 4), dtype="float32",
-                                fill_value=0.0, compressors=_blosc("box"))
+                                fill_value=0.0, compressors=_blosc())
         view_group.create_array("flip", shape=(rows, views), chunks=(chunk, views), dtype="bool",
                                 fill_value=False)
         view_group.attrs.update(config.views.to_dict())
@@ -252,17 +248,17 @@ class CacheStore:
             raise StoreError(f"--topk {k} exceeds teacher '{teacher_id}''s {num_classes} classes")
         group = self.group["teachers"].create_group(teacher_id)
         group.create_array("topk_logits", shape=(rows, views, k), chunks=(chunk, views, k), dtype="float16",
-                           fill_value=0.0, compressors=_blosc("topk_logits"))
+                           fill_value=0.0, compressors=_blosc())
         group.create_array("topk_index", shape=(rows, views, k), chunks=(chunk, views, k),
-                           dtype=index_dtype(num_classes), fill_value=0, compressors=_blosc("topk_index"))
+                           dtype=index_dtype(num_classes), fill_value=0, compressors=_blosc())
         temps = len(self.config.temperatures)
         group.create_array("logsumexp", shape=(rows, views, temps), chunks=(chunk, views, temps),
-                           dtype="float32", fill_value=0.0, compressors=_blosc("logsumexp"))
+                           dtype="float32", fill_value=0.0, compressors=_blosc())
         feature_views = self.config.num_feature_views
         if features and feature_views > 0:
             group.create_array("features", shape=(rows, feature_views, feature_dim),
                                chunks=(chunk, feature_views, feature_dim), dtype="float16", fill_value=0.0,
-                               compressors=_blosc("features"))
+                               compressors=_blosc())
         group.create_array("done", shape=(self.num_shards,), chunks=(1,), dtype="bool", fill_value=False)
         group.attrs.update(record)
         teachers[teacher_id] = record
@@ -326,10 +322,6 @@ class CacheStore:
         return TeacherOutputs(topk_logits=group["topk_logits"][rows], topk_index=group["topk_index"][rows],
                               logsumexp=group["logsumexp"][rows],
                               features=group["features"][rows] if "features" in group else None)
-
-
-def _blosc(array_name: str) -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=5, shuffle=_SHUFFLE[array_name])
 
 
 def _exists(path: str) -> bool:
