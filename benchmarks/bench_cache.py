@@ -151,7 +151,7 @@ def main() -> None:
     images = sum(1 for url in urls for _ in iter_shard(url))
     teachers = [load_teacher(spec, "cpu", random_init=True, seed=policy.seed) for spec in specs]
     crops = render_all(urls, teachers, policy)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
     times: dict[str, list[float]] = {"bound": [], "cache": [], "naive": []}
     store_bytes = 0

@@ -116,7 +116,7 @@ def main() -> None:
 
     store_path = os.path.join(workdir, "cache.zarr")
     config = CacheConfig(views=ViewPolicy(num_views=args.views), topk=args.topk, temperatures=(1.0, 4.0))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     summary = run_cache_job(CacheJob(shards=urls, store=store_path, teachers=specs, config=config), progress=False)
     ray.shutdown()
     store = CacheStore.open(store_path)

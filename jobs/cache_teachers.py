@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from pipeline.cache_shard import ShardCacher, ShardResult
 from pipeline.shards import DatasetIndex, index_dataset
-from pipeline.store import CacheConfig, CacheStore, StoreError
+from pipeline.store import CacheConfig, CacheStore, StoreError, per_view
 from teachers import Teacher, TeacherSpec, TeacherSpecError, load_teacher
 
 
@@ -239,8 +239,9 @@ def _summarize(job: CacheJob, store: CacheStore, dataset: DatasetIndex, results:
         tid = spec.teacher_id
         covered = int(valid[store.teacher_done(tid)].sum())
         teacher_usage = usage["teachers"][tid]
-        bytes_per_view[tid] = teacher_usage["logits_bytes"] / max(1, covered * views)
-        feature_bytes_per_view[tid] = teacher_usage["features_bytes"] / max(1, covered * store.config.num_feature_views)
+        bytes_per_view[tid] = per_view(teacher_usage["logits_bytes"], covered * views)
+        feature_bytes_per_view[tid] = per_view(teacher_usage["features_bytes"],
+                                               covered * store.config.num_feature_views)
     images = sum(r.num_samples for r in results)
     return CacheSummary(
         store=job.store, num_shards=store.num_shards, shards_done=len(results), shards_skipped=skipped,

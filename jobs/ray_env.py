@@ -12,8 +12,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     """Use the current Ray connection if there is one, else start (and later stop) one.
 
     With no address an embedded Ray starts on this machine, with its dashboard off
-    (and bound to loopback if enabled). ``RAY_ADDRESS`` is ignored for the embedded
-    case so that a stray environment variable never sends work to another cluster.
+    (and bound to loopback if enabled). ``address="local"`` and dropping ``RAY_ADDRESS``
+    keep it embedded even when a ``ray start`` cluster runs on this machine: work never
+    goes to another cluster unless an address is given.
     """
     import ray
 
@@ -24,8 +25,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         ray.init(address=address, log_to_driver=True)
     else:
         os.environ.pop("RAY_ADDRESS", None)
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, dashboard_host="127.0.0.1",
-                 log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 dashboard_host="127.0.0.1", log_to_driver=True)
     try:
         yield
     finally:

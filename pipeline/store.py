@@ -148,6 +148,8 @@ class CacheStore:
             group = zarr.open_group(path, mode=mode, zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as e:
             raise StoreError(f"no teacher cache at {path}: {e}") from None
+        except (FileExistsError, NotADirectoryError):
+            raise StoreError(f"{path} is a file, not a teacher cache (a Zarr directory)") from None
         return cls(group, path)
 
     @classmethod
@@ -322,6 +324,11 @@ class CacheStore:
         return TeacherOutputs(topk_logits=group["topk_logits"][rows], topk_index=group["topk_index"][rows],
                               logsumexp=group["logsumexp"][rows],
                               features=group["features"][rows] if "features" in group else None)
+
+
+def per_view(total_bytes: int, views: int) -> float:
+    """Bytes per cached view; 0 when nothing is cached yet (partial chunks are not a per-view cost)."""
+    return total_bytes / views if views else 0.0
 
 
 def _exists(path: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.store import CacheStore
+from pipeline.store import CacheStore, per_view
 
 
 def teacher_probabilities(topk_logits: np.ndarray, logsumexp_t1: np.ndarray, num_classes: int
@@ -60,8 +60,8 @@ def store_report(path: str) -> dict:
             "samples_covered": covered,
             "coverage": covered / max(1, int(valid.sum())),
             "bytes": teacher_usage["logits_bytes"] + teacher_usage["features_bytes"],
-            "bytes_per_view": teacher_usage["logits_bytes"] / max(1, covered * views),
-            "feature_bytes_per_view": teacher_usage["features_bytes"] / max(1, covered * config.num_feature_views),
+            "bytes_per_view": per_view(teacher_usage["logits_bytes"], covered * views),
+            "feature_bytes_per_view": per_view(teacher_usage["features_bytes"], covered * config.num_feature_views),
         }
     stored_teacher_bytes = sum(t["bytes"] for t in teachers.values())
     return {

@@ -20,6 +20,6 @@ def ray_local():
     """One embedded Ray for the whole test session (starting Ray costs seconds and ~0.7 GB)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
