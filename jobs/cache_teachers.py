@@ -56,7 +56,8 @@ class CacheSummary:
     bytes_per_view: dict[str, float]  # teacher -> top-k logits + logsumexp bytes per view
     feature_bytes_per_view: dict[str, float]
     seconds: float
-    images_per_second: float
+    images_per_second: float  # end to end, start-up included
+    worker_images_per_second: float  # while workers process shards (steady state, summed over workers)
 
     def lines(self) -> list[str]:
         out = [f"store: {self.store}",
@@ -70,7 +71,8 @@ class CacheSummary:
             if self.feature_bytes_per_view.get(tid):
                 line += f", {self.feature_bytes_per_view[tid]:.1f} B/view (features)"
             out.append(line)
-        out.append(f"throughput: {self.images_per_second:.1f} images/s over {self.seconds:.1f} s")
+        out.append(f"throughput: {self.images_per_second:.1f} images/s over {self.seconds:.1f} s "
+                   f"({self.worker_images_per_second:.1f} images/s per worker while caching)")
         out += [f"FAILED {name}: {error}" for name, error in self.failed.items()]
         return out
 
@@ -129,14 +131,14 @@ class ShardWorker:
             self.teachers[teacher_id] = teacher
         return self.teachers[teacher_id]
 
-    def process(self, shard: int, url: str, teacher_ids: list[str], attempt: int) -> ShardResult:
+    def process(self, shard: int, url: str, keys_sha256: str, teacher_ids: list[str], attempt: int) -> ShardResult:
         kind, attempts = self.faults.get(shard, ("", 0))
         if attempt < attempts:
             if kind == "exit":
                 os._exit(1)
             raise RuntimeError(f"injected fault on shard {shard}, attempt {attempt}")
         teachers = {tid: self._teacher(tid) for tid in teacher_ids}
-        return ShardCacher(self.store, teachers, self.device).process(shard, url, teacher_ids)
+        return ShardCacher(self.store, teachers, self.device).process(shard, url, teacher_ids, keys_sha256)
 
 
 @dataclass
@@ -197,7 +199,8 @@ def _run_on_ray(job: CacheJob, dataset: DatasetIndex, work: list[tuple[int, list
             while queue and idle:
                 shard, tids, attempt = queue.popleft()
                 worker = idle.pop()
-                ref = worker.process.remote(shard, dataset.shards[shard].url, tids, attempt)
+                info = dataset.shards[shard]
+                ref = worker.process.remote(shard, info.url, info.keys_sha256, tids, attempt)
                 in_flight[ref] = (worker, shard, tids, attempt)
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
             worker, shard, tids, attempt = in_flight.pop(ref)
@@ -243,13 +246,15 @@ def _summarize(job: CacheJob, store: CacheStore, dataset: DatasetIndex, results:
         feature_bytes_per_view[tid] = per_view(teacher_usage["features_bytes"],
                                                covered * store.config.num_feature_views)
     images = sum(r.num_samples for r in results)
+    worker_seconds = sum(r.seconds for r in results)
     return CacheSummary(
         store=job.store, num_shards=store.num_shards, shards_done=len(results), shards_skipped=skipped,
         failed={dataset.shards[s].name: e for s, e in sorted(failed.items())},
         samples=dataset.num_samples, invalid=invalid, views=views,
         teachers=[spec.teacher_id for spec in job.teachers], bytes_on_disk=usage["bytes"],
         bytes_per_view=bytes_per_view, feature_bytes_per_view=feature_bytes_per_view,
-        seconds=seconds, images_per_second=images / seconds if seconds > 0 else 0.0)
+        seconds=seconds, images_per_second=images / seconds if seconds > 0 else 0.0,
+        worker_images_per_second=images / worker_seconds if worker_seconds > 0 else 0.0)
 
 
 def run_cache_job(job: CacheJob, progress: bool = True) -> CacheSummary:

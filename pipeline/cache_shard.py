@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.shards import DatasetError, ImageDecodeError, RawSample, decode_image, iter_shard
+from pipeline.shards import DatasetError, ImageDecodeError, RawSample, decode_image, hash_keys, iter_shard
 from pipeline.store import CacheConfig, CacheStore, ShardSamples, TeacherOutputs, index_dtype
 from pipeline.views import normalize, render_view, sample_views
 from teachers import Teacher
@@ -109,7 +109,9 @@ class ShardCacher:
         self.device = torch.device(device)
         self.config = store.config
 
-    def process(self, shard: int, url: str, teacher_ids: list[str]) -> ShardResult:
+    def process(self, shard: int, url: str, teacher_ids: list[str], keys_sha256: str | None = None
+                ) -> ShardResult:
+        """Cache ``teacher_ids`` on one shard; ``keys_sha256`` (from the dataset index) is checked."""
         start = time.perf_counter()
         rows, views = self.store.rows_per_shard, self.config.views.num_views
         expected = self.store.shard_num_samples(shard)
@@ -148,6 +150,9 @@ class ShardCacher:
         if position + 1 != expected:
             raise DatasetError(f"shard {url} has {position + 1} samples, the store expects {expected}; "
                                "the shard changed since the store was built")
+        if keys_sha256 is not None and hash_keys(list(samples.keys[:expected])) != keys_sha256:
+            raise DatasetError(f"the keys in shard {url} differ from its manifest/index (keys_sha256); "
+                               "the shard changed since it was indexed")
         for batcher in batchers.values():
             batcher.flush()
 

@@ -155,3 +155,24 @@ def test_bad_shards_fail_before_any_work(tmp_path, ray_local):
     with pytest.raises(DatasetError):
         run_cache_job(_job(str(tmp_path / "missing-{0..2}.tar"), tmp_path / "c.zarr"), progress=False)
     assert not (tmp_path / "c.zarr").exists()
+
+
+def test_shard_whose_keys_differ_from_its_manifest_fails(shards, tmp_path, ray_local):
+    """A shard rewritten after its manifest (same count, other keys) is refused, not cached misaligned."""
+    import shutil
+
+    from pipeline.shards import index_dataset, write_manifest
+
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    write_manifest(str(data / "train.json"), "train", index_dataset(str(data)).shards, None)
+    rng = np.random.default_rng(5)
+    with tarfile.open(data / "train-000002.tar", "w") as tar:  # same 3 samples, renamed
+        for i in range(3):
+            _add(tar, f"other/{i}.jpg", _jpeg(rng))
+            _add(tar, f"other/{i}.cls", b"0")
+    summary = run_cache_job(_job(str(data / "train.json"), tmp_path / "c.zarr", max_retries=0), progress=False)
+    assert list(summary.failed) == ["train-000002.tar"]
+    assert "differ from its manifest" in summary.failed["train-000002.tar"]
+    store = CacheStore.open(str(tmp_path / "c.zarr"))
+    assert not store.teacher_done("test_resnet")[2] and not store.samples_done()[2]
