@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 from pipeline.cache_shard import ShardCacher, ShardResult
 from pipeline.shards import DatasetIndex, index_dataset
-from pipeline.store import CacheConfig, CacheStore, StoreError, per_view
+from pipeline.store import CacheConfig, CacheStore, StoreError
+from pipeline.store_report import store_report
 from teachers import Teacher, TeacherSpec, TeacherSpecError, load_teacher
 
 
@@ -229,30 +230,17 @@ def _run_on_ray(job: CacheJob, dataset: DatasetIndex, work: list[tuple[int, list
 
 def _summarize(job: CacheJob, store: CacheStore, dataset: DatasetIndex, results: list[ShardResult],
                failed: dict[int, str], skipped: int, seconds: float) -> CacheSummary:
-    import numpy as np
-
-    views = store.config.views.num_views
-    counts = np.array(store.dataset_fingerprint["counts"])
-    samples_done = store.samples_done()
-    valid = store.group["samples/valid"][:].reshape(store.num_shards, store.rows_per_shard).sum(axis=1)
-    invalid = int((counts - valid)[samples_done].sum())
-    usage = store.usage()
-    bytes_per_view, feature_bytes_per_view = {}, {}
-    for spec in job.teachers:
-        tid = spec.teacher_id
-        covered = int(valid[store.teacher_done(tid)].sum())
-        teacher_usage = usage["teachers"][tid]
-        bytes_per_view[tid] = per_view(teacher_usage["logits_bytes"], covered * views)
-        feature_bytes_per_view[tid] = per_view(teacher_usage["features_bytes"],
-                                               covered * store.config.num_feature_views)
+    report = store_report(store.path)
+    teachers = [spec.teacher_id for spec in job.teachers]
     images = sum(r.num_samples for r in results)
     worker_seconds = sum(r.seconds for r in results)
     return CacheSummary(
         store=job.store, num_shards=store.num_shards, shards_done=len(results), shards_skipped=skipped,
         failed={dataset.shards[s].name: e for s, e in sorted(failed.items())},
-        samples=dataset.num_samples, invalid=invalid, views=views,
-        teachers=[spec.teacher_id for spec in job.teachers], bytes_on_disk=usage["bytes"],
-        bytes_per_view=bytes_per_view, feature_bytes_per_view=feature_bytes_per_view,
+        samples=dataset.num_samples, invalid=report["dataset"]["invalid_samples"],
+        views=store.config.views.num_views, teachers=teachers, bytes_on_disk=report["bytes"],
+        bytes_per_view={tid: report["teachers"][tid]["bytes_per_view"] for tid in teachers},
+        feature_bytes_per_view={tid: report["teachers"][tid]["feature_bytes_per_view"] for tid in teachers},
         seconds=seconds, images_per_second=images / seconds if seconds > 0 else 0.0,
         worker_images_per_second=images / worker_seconds if worker_seconds > 0 else 0.0)
 

@@ -170,11 +170,12 @@ def _cache_config(store_path: str, options: dict):
                         crop_scale=",".join(map(str, views.scale)), crop_ratio=",".join(map(str, views.ratio)),
                         flip_prob=views.flip_prob, seed=views.seed)
     value = {name: defaults[name] if options[name] is None else options[name] for name in defaults}
+    # The centre crop fraction has no flag: an existing store's value is kept as it is.
+    center_crop_fraction = (existing.views if existing is not None else ViewPolicy).center_crop_fraction
     policy = ViewPolicy(num_views=value["views"], scale=_float_pair(value["crop_scale"], "--crop-scale"),
                         ratio=_float_pair(value["crop_ratio"], "--crop-ratio"), flip_prob=value["flip_prob"],
-                        center_view=value["center_view"], seed=value["seed"])
-    if existing is not None and existing.views.center_crop_fraction != policy.center_crop_fraction:
-        policy = ViewPolicy(**{**policy.to_dict(), "center_crop_fraction": existing.views.center_crop_fraction})
+                        center_view=value["center_view"], center_crop_fraction=center_crop_fraction,
+                        seed=value["seed"])
     return CacheConfig(views=policy, topk=value["topk"],
                        temperatures=_float_list(value["temperatures"], "--temperatures"),
                        feature_views=value["feature_views"])

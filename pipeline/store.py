@@ -269,6 +269,10 @@ class CacheStore:
     def teacher_done(self, teacher_id: str) -> np.ndarray:
         return self.teacher(teacher_id)["done"][:]
 
+    def cached_rows(self, teacher_id: str) -> np.ndarray:
+        """bool [N]: rows holding this teacher's outputs (valid samples of its completed shards)."""
+        return np.repeat(self.teacher_done(teacher_id), self.rows_per_shard) & self.group["samples/valid"][:]
+
     def samples_done(self) -> np.ndarray:
         return self.group["samples/done"][:]
 
@@ -324,11 +328,6 @@ class CacheStore:
         return TeacherOutputs(topk_logits=group["topk_logits"][rows], topk_index=group["topk_index"][rows],
                               logsumexp=group["logsumexp"][rows],
                               features=group["features"][rows] if "features" in group else None)
-
-
-def per_view(total_bytes: int, views: int) -> float:
-    """Bytes per cached view; 0 when nothing is cached yet (partial chunks are not a per-view cost)."""
-    return total_bytes / views if views else 0.0
 
 
 def _exists(path: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.store import CacheStore, per_view
+from pipeline.store import CacheStore
 
 
 def teacher_probabilities(topk_logits: np.ndarray, logsumexp_t1: np.ndarray, num_classes: int
@@ -27,11 +27,9 @@ def confidence_and_entropy(topk_logits: np.ndarray, logsumexp_t1: np.ndarray, nu
     return probs[..., 0], entropy
 
 
-def _covered_rows(store: CacheStore, done: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    rows = np.zeros(store.num_shards * store.rows_per_shard, bool)
-    for shard in np.flatnonzero(done):
-        rows[store.shard_rows(int(shard))] = True
-    return rows & valid
+def _per_view(total_bytes: int, views: int) -> float:
+    """Bytes per cached view; 0 when nothing is cached yet (partial chunks are not a per-view cost)."""
+    return total_bytes / views if views else 0.0
 
 
 def store_report(path: str) -> dict:
@@ -39,13 +37,16 @@ def store_report(path: str) -> dict:
     store = CacheStore.open(path)
     attrs, config = store.attrs, store.config
     valid = store.group["samples/valid"][:]
+    samples_done = store.samples_done()
+    counts = np.array(store.dataset_fingerprint["counts"])
+    valid_per_shard = valid.reshape(store.num_shards, store.rows_per_shard).sum(axis=1)
     views = config.views.num_views
     usage = store.usage()
     raw_covered = 0
     teachers = {}
     for tid in store.teacher_ids:
         record, done = store.teacher_record(tid), store.teacher_done(tid)
-        covered = int(_covered_rows(store, done, valid).sum())
+        covered = int(store.cached_rows(tid).sum())
         teacher_usage = usage["teachers"][tid]
         fraction = done.mean() if len(done) else 0.0
         raw_covered += (teacher_usage["logits_raw_bytes"] + teacher_usage["features_raw_bytes"]) * fraction
@@ -60,8 +61,8 @@ def store_report(path: str) -> dict:
             "samples_covered": covered,
             "coverage": covered / max(1, int(valid.sum())),
             "bytes": teacher_usage["logits_bytes"] + teacher_usage["features_bytes"],
-            "bytes_per_view": per_view(teacher_usage["logits_bytes"], covered * views),
-            "feature_bytes_per_view": per_view(teacher_usage["features_bytes"], covered * config.num_feature_views),
+            "bytes_per_view": _per_view(teacher_usage["logits_bytes"], covered * views),
+            "feature_bytes_per_view": _per_view(teacher_usage["features_bytes"], covered * config.num_feature_views),
         }
     stored_teacher_bytes = sum(t["bytes"] for t in teachers.values())
     return {
@@ -70,7 +71,8 @@ def store_report(path: str) -> dict:
         "created": attrs["created"],
         "dataset": {"fingerprint": store.dataset_fingerprint, "num_samples": attrs["dataset"]["num_samples"],
                     "valid_samples_cached": int(valid.sum()),
-                    "shards_with_samples": int(store.samples_done().sum()), "num_shards": store.num_shards},
+                    "invalid_samples": int((counts - valid_per_shard)[samples_done].sum()),
+                    "shards_with_samples": int(samples_done.sum()), "num_shards": store.num_shards},
         "topk": config.topk,
         "temperatures": list(config.temperatures),
         "views": config.views.to_dict(),
@@ -108,9 +110,8 @@ def plot_store(path: str, png: str, max_rows: int = 100_000) -> None:
     import matplotlib.pyplot as plt
 
     store = CacheStore.open(path)
-    valid = store.group["samples/valid"][:]
     ids = store.teacher_ids
-    rows = {tid: np.flatnonzero(_covered_rows(store, store.teacher_done(tid), valid))[:max_rows] for tid in ids}
+    rows = {tid: np.flatnonzero(store.cached_rows(tid))[:max_rows] for tid in ids}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     top1 = {}
     for tid in ids:

@@ -41,11 +41,9 @@ class VerifyReport:
 
 def _pick_entries(store: CacheStore, num: int, seed: int) -> list[tuple[int, int]]:
     """Random (row, view) pairs among valid rows that every teacher has cached."""
-    valid = store.group["samples/valid"][:]
-    usable = valid.copy()
+    usable = store.group["samples/valid"][:]
     for tid in store.teacher_ids:
-        done_rows = np.repeat(store.teacher_done(tid), store.rows_per_shard)
-        usable &= done_rows
+        usable &= store.cached_rows(tid)
     rows = np.flatnonzero(usable)
     if not len(rows):
         return []
