@@ -200,15 +200,19 @@ class CacheStore:
 
     def check_compatible(self, dataset: DatasetIndex, config: CacheConfig) -> None:
         """Refuse to mix: the dataset and the view/output settings must be the store's."""
-        fingerprint = dataset.fingerprint()
-        if fingerprint != self.dataset_fingerprint:
-            raise StoreError(f"store {self.path} was built from another dataset: "
-                             + _describe_difference("dataset fingerprint", self.dataset_fingerprint, fingerprint))
+        self.check_dataset(dataset)
         if config.to_dict() != self.config.to_dict():
             stored, requested = self.config.to_dict(), config.to_dict()
             raise StoreError(f"store {self.path} was built with other settings: "
                              + _describe_difference("configuration", stored, requested)
                              + "; use the store's settings or a new --store")
+
+    def check_dataset(self, dataset: DatasetIndex) -> None:
+        """Refuse shards other than those the store was built from (names, counts, keys)."""
+        fingerprint = dataset.fingerprint()
+        if fingerprint != self.dataset_fingerprint:
+            raise StoreError(f"store {self.path} was built from another dataset: "
+                             + _describe_difference("dataset fingerprint", self.dataset_fingerprint, fingerprint))
 
     # ----- layout ---------------------------------------------------------------
 
