@@ -8,11 +8,11 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+def ray_session(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> Iterator[None]:
     """Use the current Ray connection if there is one, else start (and later stop) one.
 
     With no address an embedded Ray starts on this machine, with its dashboard off
-    (and bound to loopback if enabled). ``address="local"`` and dropping ``RAY_ADDRESS``
+    unless asked for (Ray Train's state checks need it), and bound to loopback. ``address="local"`` and dropping ``RAY_ADDRESS``
     keep it embedded even when a ``ray start`` cluster runs on this machine: work never
     goes to another cluster unless an address is given.
     """
@@ -25,7 +25,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         ray.init(address=address, log_to_driver=True)
     else:
         os.environ.pop("RAY_ADDRESS", None)
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
                  dashboard_host="127.0.0.1", log_to_driver=True)
     try:
         yield

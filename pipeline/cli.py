@@ -244,6 +244,139 @@ def cache_teachers(shards: tuple[str, ...], store_path: str, teacher_specs: tupl
     if summary.failed:
         raise SystemExit(1)
 
+def _absolute(location: str) -> str:
+    """Local paths made absolute (Ray workers may run elsewhere); fsspec URLs left as given."""
+    return location if "://" in location else os.path.abspath(os.path.expanduser(location))
+
+
+def _train_options(config_file: str | None, flags: dict) -> dict:
+    """Options from --config, overridden by every flag given on the command line."""
+    from pipeline.train_config import load_yaml_options
+
+    options = load_yaml_options(config_file) if config_file else {}
+    for name, value in flags.items():
+        if value is None or value == ():
+            continue
+        options[name] = list(value) if isinstance(value, tuple) else value
+    for name in ("shards", "val_shards"):
+        if isinstance(options.get(name), str):
+            options[name] = [options[name]]
+        options[name] = [_absolute(s) for s in options.get(name, [])]
+    for name in ("store", "out"):
+        if options.get(name):
+            options[name] = _absolute(options[name])
+    return options
+
+
+@main.command("train-student")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), metavar="FILE.yaml",
+              help="YAML file with any of these options (names with - or _); flags override it.")
+@click.option("--shards", multiple=True, metavar="URLS",
+              help="Training shards, in any form cache-teachers takes; must be the store's shards.")
+@click.option("--store", metavar="PATH", help="Teacher cache built by cache-teachers on the same shards.")
+@click.option("--model", help="Student: any timm model name.  [default: regla_t]")
+@click.option("--out", metavar="RUN_DIR",
+              help="Run directory: run.json, checkpoints/, metrics.jsonl, curves.png, model.safetensors.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Training epochs.  [default: 10]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size per worker.  [default: 128]")
+@click.option("--img-size", type=click.IntRange(min=1),
+              help="Student resolution; cached views are replayed at it.  [default: the model's]")
+@click.option("--val-shards", multiple=True, metavar="URLS", help="Validation shards (evaluated every epoch).")
+@click.option("--num-classes", type=click.IntRange(min=1),
+              help="Classes of the student head.  [default: from the manifest, else the teachers]")
+@click.option("--num-workers", type=click.IntRange(min=1), help="Ray Train (DDP) workers.  [default: 1]")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0.1),
+              help="CPUs reserved per worker (and torch threads).  [default: all CPUs shared evenly]")
+@click.option("--loader-workers", type=click.IntRange(min=0),
+              help="Spawned data-loading processes per worker; 0 loads in the training process.  [default: 1]")
+@click.option("--address", metavar="ADDR", help="Ray cluster address. Default: an embedded local Ray.")
+@click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its last checkpoint.")
+@click.option("--no-distill", is_flag=True, default=None, help="Train with labels alone (no teachers).")
+@click.option("--teacher", "teachers", multiple=True, metavar="ID",
+              help="Use only these cached teachers (repeat).  [default: all in the store]")
+@click.option("--online-teacher", "online_teachers", multiple=True, metavar="SPEC",
+              help="Teacher run live on the same replayed views (same spec syntax as cache-teachers).")
+@click.option("--random-init-online", is_flag=True, default=None,
+              help="Allow online teachers without weights (random, seeded): for tests and benchmarks.")
+@click.option("--kd-weight", type=float, help="Logit-KD weight of every teacher.  [default: 1]")
+@click.option("--feature-weight", type=float,
+              help="Feature-KD weight of every teacher with features.  [default: 0]")
+@click.option("--label-weight", type=float, help="Weight of the label cross-entropy.  [default: 1]")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1), help="Label smoothing.  [default: 0.1]")
+@click.option("--temperature", type=float, help="KD temperature; one the store has.  [default: 1]")
+@click.option("--teacher-drop-prob", type=click.FloatRange(0, 1),
+              help="Teacher dropping: per sample keep the hardest teacher, drop each other one with this "
+                   "probability.  [default: 0, fixed weights]")
+@click.option("--mixup", type=click.FloatRange(min=0), help="Mixup alpha (0 = off).  [default: 0]")
+@click.option("--cutmix", type=click.FloatRange(min=0), help="CutMix alpha (0 = off).  [default: 0]")
+@click.option("--crops-per-image", type=click.IntRange(min=1),
+              help="Views per decoded image per epoch (amortises JPEG decode).  [default: 1]")
+@click.option("--lr", type=float, help="Peak AdamW learning rate.  [default: 2e-3]")
+@click.option("--weight-decay", type=float, help="AdamW weight decay.  [default: 0.05]")
+@click.option("--warmup-epochs", type=float, help="Linear warmup before the cosine decay.  [default: 1]")
+@click.option("--drop-path", type=float, help="Stochastic depth rate of the student.  [default: 0]")
+@click.option("--ema-decay", type=float, help="Weight EMA decay; 0 turns the EMA off.  [default: 0.999]")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
+              help="auto: bf16 autocast on GPUs that support it, fp32 elsewhere.  [default: auto]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[default: auto]")
+@click.option("--seed", type=int, help="Seed of weights, data order and augmentation.  [default: 0]")
+@click.option("--checkpoint-every", type=click.IntRange(min=1),
+              help="Checkpoint every N steps (and at every epoch end).  [default: 500]")
+@click.option("--progress/--no-progress", default=None, help="Show a progress bar.  [default: on]")
+def train_student(config_file: str | None, **flags) -> None:
+    """Train a student on the shards, distilling the teachers cached in --store.
+
+    Each sample replays one of its cached views (crop box + flip) at the student's
+    resolution, so every teacher's cached output is the target for exactly the
+    pixels the student sees. Runs on Ray Train: an embedded local Ray by default,
+    a cluster with --address. Writes RUN_DIR/metrics.jsonl, curves.png, checkpoints
+    and, at the end, model.safetensors + config.json (timm format).
+    """
+    from jobs.train_student import TrainingFailed, run_training
+    from pipeline.train_config import ConfigError, TrainConfig
+
+    with _clean_errors():
+        options = _train_options(config_file, flags)
+        for name in ("shards", "out"):
+            if not options.get(name):
+                raise click.UsageError(f"missing --{name} (as a flag or in --config)")
+        try:
+            summary = run_training(TrainConfig.from_dict(options))
+        except (ConfigError, TrainingFailed) as e:
+            raise click.ClickException(str(e)) from e
+    for line in summary.lines():
+        click.echo(line)
+
+
+@main.command("quickstart")
+@click.option("--out", default="quickstart", show_default=True, type=click.Path(file_okay=False),
+              help="Empty or new directory for shards, teachers, cache and students.")
+@click.option("--teacher-epochs", type=click.IntRange(min=1),
+              help="Epochs of each teacher (trained on labels).  [default: 4]")
+@click.option("--student-epochs", type=click.IntRange(min=1), help="Epochs of each student.  [default: 6]")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+def quickstart(out: str, teacher_epochs: int | None, student_epochs: int | None, progress: bool) -> None:
+    """Run the whole pipeline on the bundled MNIST sample, on an embedded Ray.
+
+    Makes shards, trains two small teachers of different families on labels,
+    caches their per-view outputs, then trains a regla_t student from the cache
+    and the same student on labels alone (same seed and epochs), and prints their
+    val accuracies.
+    """
+    from jobs.quickstart import QuickstartConfig, run_quickstart
+    from jobs.train_student import TrainingFailed
+    from pipeline.train_config import ConfigError
+
+    epochs = {"teacher_epochs": teacher_epochs, "student_epochs": student_epochs}
+    config = QuickstartConfig(out=out, progress=progress, **{k: v for k, v in epochs.items() if v})
+    with _clean_errors():
+        try:
+            result = run_quickstart(config)
+        except (ConfigError, TrainingFailed) as e:
+            raise click.ClickException(str(e)) from e
+    for line in result.lines():
+        click.echo(line)
+
 
 @main.command("inspect")
 @click.argument("store_path", metavar="STORE")

@@ -424,9 +424,12 @@ class _TaskRunner:
 
     def __init__(self, renderer: ShardRenderer, workers: int, prefetch: int):
         self._tasks = _TaskList()
+        # A private generator: each new pass draws a base seed from it, which would otherwise come from
+        # the global torch RNG and shift the trainer's dropout draws whenever a pass starts (e.g. on resume).
         self._loader = DataLoader(renderer, batch_size=None, sampler=self._tasks, num_workers=workers,
                                   collate_fn=_identity, multiprocessing_context="spawn" if workers else None,
-                                  persistent_workers=workers > 0, prefetch_factor=prefetch if workers else None)
+                                  persistent_workers=workers > 0, prefetch_factor=prefetch if workers else None,
+                                  generator=torch.Generator())
 
     def run(self, tasks: list[tuple[str, int, int]]) -> Iterator[ShardExamples]:
         self._tasks.tasks = list(tasks)

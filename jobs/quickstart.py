@@ -1,0 +1,104 @@
+"""The whole product on the bundled MNIST sample, on one embedded Ray.
+
+Shards -> two teachers of different families trained on labels -> their outputs
+cached per view -> a ReGLA student trained from the cache, and the same student
+trained on labels alone (same seed, same epochs) -> a table of val accuracies.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jobs.cache_teachers import CacheJob, run_cache_job
+from jobs.ray_env import ray_session
+from jobs.train_student import TrainSummary, run_training
+from pipeline.make_shards import make_mnist_sample
+from pipeline.store import CacheConfig
+from pipeline.train_config import ConfigError, TrainConfig
+from pipeline.views import ViewPolicy
+from teachers import parse_teacher_spec
+
+
+@dataclass
+class QuickstartConfig:
+    out: str = "quickstart"
+    img_size: int = 32
+    teachers: tuple[str, ...] = ("resnet18", "convnext_atto")
+    teacher_epochs: int = 4
+    student: str = "regla_t"
+    student_epochs: int = 6
+    batch_size: int = 64
+    views: int = 4
+    topk: int = 5
+    seed: int = 0
+    progress: bool = True
+    # Student options the KD run adds (the labels-only run leaves them out).
+    kd_options: dict = field(default_factory=lambda: {"kd_weight": 1.0, "label_weight": 0.5})
+
+
+@dataclass
+class QuickstartResult:
+    out: Path
+    teachers: dict[str, TrainSummary]
+    students: dict[str, TrainSummary]
+    store: Path
+    seconds: float
+
+    def lines(self) -> list[str]:
+        rows = [("run", "model", "top-1 %", "top-5 %", "EMA top-1 %")]
+        for label, runs in (("teacher", self.teachers), ("student", self.students)):
+            for name, summary in runs.items():
+                e = summary.final_eval or {}
+                rows.append((f"{label} {name}", _model_of(summary.run_dir), f"{e.get('top1', float('nan')):.2f}",
+                             f"{e.get('top5', float('nan')):.2f}", f"{e.get('ema_top1', float('nan')):.2f}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+        return table + [
+            "",
+            f"finished in {self.seconds:.0f} s; files under {self.out}:",
+            f"  shards:   {self.out / 'shards'}",
+            f"  cache:    {self.store}  (pipeline inspect {self.store})",
+            *[f"  {kind}: {s.run_dir}" for kind, runs in (("teacher", self.teachers), ("student", self.students))
+              for s in runs.values()],
+        ]
+
+
+def _model_of(run_dir: Path) -> str:
+    import json
+
+    return json.loads((run_dir / "run.json").read_text())["model"]
+
+
+def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
+    out = Path(config.out).resolve()
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty; choose another --out or remove it")
+    started = time.perf_counter()
+    train_manifest, val_manifest = make_mnist_sample(str(out / "shards"), img_size=config.img_size,
+                                                     seed=config.seed, progress=config.progress)
+    common = dict(shards=[train_manifest], val_shards=[val_manifest], img_size=config.img_size,
+                  batch_size=config.batch_size, seed=config.seed, progress=config.progress)
+    with ray_session(dashboard=True):
+        teachers = {}
+        for name in config.teachers:
+            teachers[name] = run_training(TrainConfig(out=str(out / "teachers" / name), model=name, no_distill=True,
+                                                      epochs=config.teacher_epochs, **common))
+        store = out / "cache.zarr"
+        specs = [parse_teacher_spec(f"{name}@{summary.run_dir / 'model.safetensors'},img_size={config.img_size}")
+                 for name, summary in teachers.items()]
+        cache_config = CacheConfig(views=ViewPolicy(num_views=config.views, seed=config.seed), topk=config.topk)
+        cached = run_cache_job(CacheJob(shards=train_manifest, store=str(store), teachers=specs,
+                                        config=cache_config), progress=config.progress)
+        if cached.failed:
+            raise RuntimeError(f"caching failed for {', '.join(cached.failed)}")
+        students = {
+            "KD from cache": run_training(TrainConfig(out=str(out / "students" / "kd"), model=config.student,
+                                                      store=str(store), epochs=config.student_epochs,
+                                                      **config.kd_options, **common)),
+            "labels only": run_training(TrainConfig(out=str(out / "students" / "labels"), model=config.student,
+                                                    no_distill=True, epochs=config.student_epochs, **common)),
+        }
+    return QuickstartResult(out=out, teachers=teachers, students=students, store=store,
+                            seconds=time.perf_counter() - started)

@@ -1,0 +1,239 @@
+"""The training job: check the inputs on the driver, then run ``pipeline.trainer`` on Ray Train.
+
+Everything that can be wrong with the inputs (model name, shards, store, teachers,
+class counts, the run directory) is checked here, before any Ray worker starts,
+so that a bad flag is a one-line error rather than a failed worker's traceback.
+Rank 0 streams its progress records to a small actor that the driver polls for
+its progress bar.
+"""
+
+from __future__ import annotations
+
+import difflib
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import timm
+
+import regla  # noqa: F401  (registers the regla_* models with timm)
+from jobs.ray_env import ray_session
+from pipeline.metrics import read_metrics
+from pipeline.shards import DatasetIndex, index_dataset
+from pipeline.store import CacheStore, StoreError
+from pipeline.train_config import ConfigError, TrainConfig, check_run_dir, save_run_config
+from teachers import load_teacher, parse_teacher_spec
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """Collects rank 0's progress records until the driver drains them."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def push(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def drain(self) -> list[dict[str, Any]]:
+        records, self.records = self.records, []
+        return records
+
+
+@dataclass
+class TrainSummary:
+    run_dir: Path
+    steps: int
+    seconds: float
+    final_eval: dict[str, Any] | None
+    images_per_second: float | None
+
+    def lines(self) -> list[str]:
+        lines = [f"trained {self.steps} steps in {self.seconds:.0f} s"
+                 + (f" ({self.images_per_second:.0f} images/s in the last epoch)" if self.images_per_second else "")]
+        if self.final_eval:
+            e = self.final_eval
+            lines.append(f"val top-1 {e['top1']:.2f}%, top-5 {e['top5']:.2f}%"
+                         + (f"; EMA top-1 {e['ema_top1']:.2f}%" if "ema_top1" in e else "")
+                         + f" ({e['samples']} samples)")
+        lines.append(f"run: {self.run_dir} (model.safetensors, config.json, metrics.jsonl, curves.png)")
+        return lines
+
+
+def check_model_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; close names: {', '.join(close)}" if close else "; see `timm.list_models()` or `pipeline models`"
+        raise ConfigError(f"unknown model {name!r}{hint}")
+
+
+def plan_cached_teachers(config: TrainConfig, dataset: DatasetIndex) -> tuple[dict[str, dict], tuple[float, ...]]:
+    """The store's teachers to use (with class count and feature size) and its temperatures, after checks."""
+    store = CacheStore.open(config.store)
+    store.check_dataset(dataset)
+    available = store.teacher_ids
+    chosen = config.teachers or available
+    unknown = [t for t in chosen if t not in available]
+    if unknown:
+        raise StoreError(f"{config.store}: no teacher {', '.join(map(repr, unknown))}; "
+                         f"it holds {', '.join(available) or 'none'}")
+    teachers = {}
+    for tid in chosen:
+        missing = [dataset.shards[i].name for i, done in enumerate(store.teacher_done(tid)) if not done]
+        if missing:
+            raise StoreError(f"{config.store}: teacher {tid!r} is not cached for {len(missing)} shard(s), "
+                             f"e.g. {missing[0]}; finish it with `pipeline cache-teachers`")
+        record = store.teacher_record(tid)
+        teachers[tid] = {"num_classes": record["num_classes"], "feature_dim": record["feature_dim"],
+                         "features": "features" in store.teacher(tid)}
+    return teachers, tuple(store.attrs["config"]["temperatures"])
+
+
+def plan_run(config: TrainConfig) -> dict[str, Any]:
+    """Check every input and resolve what the workers need; raise a clear error on the first problem."""
+    check_model_name(config.model)
+    dataset = index_dataset(config.shards)
+    if config.val_shards:
+        index_dataset(config.val_shards)
+    teachers, temperatures = {}, (config.temperature,)
+    if config.store and not config.no_distill:
+        teachers, temperatures = plan_cached_teachers(config, dataset)
+        if config.temperature not in temperatures:
+            raise ConfigError(f"--temperature {config.temperature}: the store has log-sum-exp only at "
+                              f"{', '.join(map(str, temperatures))}")
+    heads = {tid: info["num_classes"] for tid, info in teachers.items()}
+    for spec in config.online_teachers:
+        teacher = load_teacher(parse_teacher_spec(spec), random_init=config.random_init_online, seed=config.seed)
+        # An online teacher replaces a cached one of the same id: same views, live targets.
+        teachers.pop(teacher.spec.teacher_id, None)
+        heads[teacher.spec.teacher_id] = teacher.num_classes
+    num_classes = config.num_classes or (len(dataset.class_names) if dataset.class_names else None) \
+        or next(iter(heads.values()), None)
+    if num_classes is None:
+        raise ConfigError("cannot tell the number of classes: the shards have no manifest with class names; "
+                          "pass --num-classes")
+    if dataset.class_names and num_classes < len(dataset.class_names):
+        raise ConfigError(f"the shards' manifest names {len(dataset.class_names)} classes, more than the "
+                          f"student's {num_classes}")
+    wrong = {tid: n for tid, n in heads.items() if n != num_classes}
+    if wrong:
+        raise ConfigError(f"the student has {num_classes} classes, but teacher(s) "
+                          + ", ".join(f"{tid!r} have {n}" for tid, n in wrong.items()))
+    check_run_dir(config)
+    return {"num_classes": num_classes, "teachers": teachers, "temperatures": list(temperatures),
+            "label_names": list(dataset.class_names) if dataset.class_names else None}
+
+
+def _use_gpu(config: TrainConfig) -> bool:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if config.device == "cuda" and gpus < config.num_workers:
+        raise ConfigError(f"--device cuda: the Ray cluster has {gpus:g} GPU(s) for {config.num_workers} worker(s)")
+    return config.device == "cuda" or (config.device == "auto" and gpus >= config.num_workers)
+
+
+def _cpus_per_worker(config: TrainConfig) -> float:
+    if config.cpus_per_worker:
+        return config.cpus_per_worker
+    return max(1.0, ray.cluster_resources().get("CPU", 1) // config.num_workers)
+
+
+def run_training(config: TrainConfig) -> TrainSummary:
+    """Train one student as ``config`` says, on the embedded Ray or the cluster at ``config.address``."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.trainer import train_worker
+
+    plan = plan_run(config)
+    save_run_config(config)
+    started = time.perf_counter()
+    with ray_session(config.address, dashboard=True):
+        use_gpu = _use_gpu(config)
+        plan["cpus_per_worker"] = _cpus_per_worker(config)
+        board = ProgressBoard.remote()
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"config": config.to_dict(), "plan": plan, "progress": board},
+            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": plan["cpus_per_worker"]}),
+            run_config=RunConfig(storage_path=str(config.run_dir.resolve() / "ray"), name="train",
+                                 failure_config=FailureConfig(max_failures=0)),
+        )
+        _fit_with_progress(trainer, board, config.progress)
+    records = read_metrics(config.run_dir)
+    evals = [r for r in records if r["kind"] == "eval"]
+    trains = [r for r in records if r["kind"] == "train"]
+    return TrainSummary(run_dir=config.run_dir, steps=trains[-1]["step"] if trains else 0,
+                        seconds=time.perf_counter() - started, final_eval=evals[-1] if evals else None,
+                        images_per_second=trains[-1]["images_per_s"] if trains else None)
+
+
+class TrainingFailed(RuntimeError):
+    """A worker failed; the run can continue from its last checkpoint with --resume."""
+
+
+def _fit_with_progress(trainer: Any, board: Any, show: bool) -> None:
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except Exception as e:  # reported on the driver thread below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    bar = None
+    while True:
+        alive = thread.is_alive()
+        for record in ray.get(board.drain.remote()):
+            bar = _show(record, bar, show)
+        if not alive:
+            break
+        thread.join(timeout=0.5)
+    if bar is not None:
+        bar.close()
+    error = outcome.get("error") or getattr(outcome.get("result"), "error", None)
+    if error is not None:
+        raise TrainingFailed(f"training failed: {_root_cause(error)}") from error
+
+
+def _show(record: dict[str, Any], bar: Any, show: bool) -> Any:
+    from tqdm import tqdm
+
+    if not show:
+        return bar
+    if record["kind"] == "start":
+        bar = tqdm(total=record["total_steps"], initial=record["step"], unit="step", dynamic_ncols=True)
+    elif record["kind"] == "train" and bar is not None:
+        bar.update(record["step"] - bar.n)
+        bar.set_postfix(_loss_summary(record) | {"img/s": f"{record['images_per_s']:.0f}"}, refresh=True)
+    elif record["kind"] == "eval":
+        line = f"epoch {record['epoch']}: val top-1 {record['top1']:.2f}%  top-5 {record['top5']:.2f}%"
+        if "ema_top1" in record:
+            line += f"  (EMA top-1 {record['ema_top1']:.2f}%)"
+        (bar.write if bar is not None else print)(line)
+    return bar
+
+
+def _loss_summary(record: dict[str, Any]) -> dict[str, str]:
+    """Total loss, label loss, and KD / feature losses summed over teachers: short enough for one line."""
+    sums: dict[str, float] = {}
+    for name, value in record.items():
+        if name == "loss" or name.startswith("loss/"):
+            kind = name.split("/")[1] if "/" in name else "loss"
+            if kind != "kept":
+                sums[kind] = sums.get(kind, 0.0) + value
+    return {k: f"{v:.3f}" for k, v in sums.items()}
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost error message, without Ray's wrapping layers."""
+    seen = error
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip().splitlines()
+    return text[-1] if text else type(seen).__name__

@@ -1,0 +1,100 @@
+"""Training run plumbing: options, run directories, checkpoints, metrics and export."""
+
+import json
+
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+
+import regla  # noqa: F401
+from pipeline.checkpoint import KEEP, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from pipeline.cli import _train_options, main
+from pipeline.export import export_student
+from pipeline.metrics import MetricsLog, plot_curves, read_metrics
+from pipeline.train_config import ConfigError, TrainConfig, check_run_dir, save_run_config
+from teachers import load_teacher, parse_teacher_spec
+
+
+def _config(tmp_path, **kw) -> TrainConfig:
+    return TrainConfig(shards=["/data/train.json"], out=str(tmp_path / "run"), no_distill=True, **kw)
+
+
+def test_config_rejects_bad_values(tmp_path):
+    with pytest.raises(ConfigError, match="--epochs must be at least 1"):
+        _config(tmp_path, epochs=0)
+    with pytest.raises(ConfigError, match="--teacher-drop-prob"):
+        _config(tmp_path, teacher_drop_prob=1.5)
+    with pytest.raises(ConfigError, match="no teachers"):
+        TrainConfig(shards=["x"], out="y")
+    with pytest.raises(ConfigError, match="cannot take teachers"):
+        _config(tmp_path, online_teachers=["resnet18"])
+    with pytest.raises(ConfigError, match="unknown option.*bacth_size"):
+        TrainConfig.from_dict({"shards": ["x"], "out": "y", "no_distill": True, "bacth_size": 3})
+
+
+def test_run_dir_is_never_overwritten_and_resume_must_match(tmp_path):
+    config = _config(tmp_path, epochs=3)
+    check_run_dir(config)  # a new directory is fine
+    save_run_config(config)
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        check_run_dir(config)
+    check_run_dir(_config(tmp_path, epochs=3, resume=True, loader_workers=3))  # how it runs may change
+    with pytest.raises(ConfigError, match=r"other options: epochs: run has 3, requested 4"):
+        check_run_dir(_config(tmp_path, epochs=4, resume=True))
+    with pytest.raises(ConfigError, match="holds no run"):
+        check_run_dir(TrainConfig(shards=["x"], out=str(tmp_path / "new"), no_distill=True, resume=True))
+
+
+def test_flags_override_the_yaml_config(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("batch-size: 32\nepochs: 7\nshards: data/train.json\nmodel: regla_s\n")
+    options = _train_options(str(yaml_file), {"epochs": 2, "model": None, "val_shards": ()})
+    assert options["batch_size"] == 32 and options["epochs"] == 2 and options["model"] == "regla_s"
+    assert options["shards"][0].startswith("/") and options["shards"][0].endswith("data/train.json")
+
+
+def test_cli_names_a_missing_required_option(tmp_path):
+    result = CliRunner().invoke(main, ["train-student", "--out", str(tmp_path / "r"), "--no-distill"])
+    assert result.exit_code == 2 and "missing --shards" in result.output
+
+
+def test_checkpoints_round_trip_and_only_the_newest_are_kept(tmp_path):
+    for step in (5, 10, 15):
+        save_checkpoint(tmp_path, step, {"step": step, "w": torch.full((2,), float(step)), "sched": {"t": 1.5}})
+    kept = list_checkpoints(tmp_path)
+    assert len(kept) == KEEP and latest_checkpoint(tmp_path).name == "step-000000015.pt"
+    state = load_checkpoint(latest_checkpoint(tmp_path))
+    assert state["step"] == 15 and torch.equal(state["w"], torch.full((2,), 15.0))
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_metrics_log_drops_records_past_the_resumed_checkpoint(tmp_path):
+    log = MetricsLog(tmp_path)
+    for step in (10, 20, 30):
+        log.write({"kind": "train", "step": step, "loss": 1.0 / step, "loss/label": 0.5 / step, "epoch": step / 30})
+    log.write({"kind": "eval", "step": 30, "epoch": 1, "top1": 50.0, "top5": 90.0})
+    MetricsLog(tmp_path, resume_step=20)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [10, 20]
+    png = plot_curves(tmp_path)
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_export_loads_with_timm_and_as_a_teacher(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("regla_t", num_classes=10).eval()
+    export_student(model, tmp_path, (32, 32), label_names=[str(i) for i in range(10)])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architecture"] == "regla_t" and config["num_classes"] == 10
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32] and config["label_names"][3] == "3"
+
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    from_dir = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    from_file = timm.create_model("regla_t", pretrained=True, pretrained_cfg_overlay=dict(
+        file=str(tmp_path / "model.safetensors"), num_classes=10)).eval()
+    teacher = load_teacher(parse_teacher_spec(f"regla_t@{tmp_path / 'model.safetensors'}"))
+    torch.testing.assert_close(from_dir(x), expected)
+    torch.testing.assert_close(from_file(x), expected)
+    torch.testing.assert_close(teacher(x)[0], expected)
+    assert teacher.preprocessing.input_size == (32, 32)
