@@ -25,10 +25,10 @@ from teachers import parse_teacher_spec
 class QuickstartConfig:
     out: str = "quickstart"
     img_size: int = 32
-    teachers: tuple[str, ...] = ("resnet18", "convnext_atto")
-    teacher_epochs: int = 4
+    teachers: tuple[str, ...] = ("resnet10t", "convnext_atto")
+    teacher_epochs: int = 2
     student: str = "regla_t"
-    student_epochs: int = 6
+    student_epochs: int = 3
     batch_size: int = 64
     views: int = 4
     topk: int = 5
@@ -79,8 +79,9 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
     train_manifest, val_manifest = make_mnist_sample(str(out / "shards"), img_size=config.img_size,
                                                      seed=config.seed, progress=config.progress)
     common = dict(shards=[train_manifest], val_shards=[val_manifest], img_size=config.img_size,
-                  batch_size=config.batch_size, seed=config.seed, progress=config.progress)
-    with ray_session(dashboard=True):
+                  batch_size=config.batch_size, seed=config.seed, progress=config.progress,
+                  loader_workers=0)  # decoding 32 px digits costs less than a spawned loader process
+    with ray_session():
         teachers = {}
         for name in config.teachers:
             teachers[name] = run_training(TrainConfig(out=str(out / "teachers" / name), model=name, no_distill=True,

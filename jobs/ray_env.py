@@ -8,13 +8,14 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> Iterator[None]:
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
     """Use the current Ray connection if there is one, else start (and later stop) one.
 
     With no address an embedded Ray starts on this machine, with its dashboard off
-    unless asked for (Ray Train's state checks need it), and bound to loopback. ``address="local"`` and dropping ``RAY_ADDRESS``
-    keep it embedded even when a ``ray start`` cluster runs on this machine: work never
-    goes to another cluster unless an address is given.
+    (and bound to loopback if enabled) and Ray's own logs cut to errors: without a
+    dashboard, Ray Train's state checks would warn every few seconds. ``address="local"``
+    and dropping ``RAY_ADDRESS`` keep it embedded even when a ``ray start`` cluster runs
+    on this machine: work never goes to another cluster unless an address is given.
     """
     import ray
 
@@ -25,8 +26,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, dashboa
         ray.init(address=address, log_to_driver=True)
     else:
         os.environ.pop("RAY_ADDRESS", None)
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
-                 dashboard_host="127.0.0.1", log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 dashboard_host="127.0.0.1", log_to_driver=True,
+                 logging_config=ray.LoggingConfig(log_level="ERROR"))
     try:
         yield
     finally:

@@ -150,7 +150,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
     plan = plan_run(config)
     save_run_config(config)
     started = time.perf_counter()
-    with ray_session(config.address, dashboard=True):
+    with ray_session(config.address):
         use_gpu = _use_gpu(config)
         plan["cpus_per_worker"] = _cpus_per_worker(config)
         board = ProgressBoard.remote()

@@ -352,8 +352,8 @@ def train_student(config_file: str | None, **flags) -> None:
 @click.option("--out", default="quickstart", show_default=True, type=click.Path(file_okay=False),
               help="Empty or new directory for shards, teachers, cache and students.")
 @click.option("--teacher-epochs", type=click.IntRange(min=1),
-              help="Epochs of each teacher (trained on labels).  [default: 4]")
-@click.option("--student-epochs", type=click.IntRange(min=1), help="Epochs of each student.  [default: 6]")
+              help="Epochs of each teacher (trained on labels).  [default: 2]")
+@click.option("--student-epochs", type=click.IntRange(min=1), help="Epochs of each student.  [default: 3]")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
 def quickstart(out: str, teacher_epochs: int | None, student_epochs: int | None, progress: bool) -> None:
     """Run the whole pipeline on the bundled MNIST sample, on an embedded Ray.

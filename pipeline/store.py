@@ -110,6 +110,21 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def _fingerprint_difference(stored: dict, actual: dict) -> str:
+    """The first way two dataset fingerprints differ: shard names, then counts, then keys."""
+    if stored.get("shards") != actual.get("shards"):
+        a, b = list(stored.get("shards", [])), list(actual.get("shards", []))
+        i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return (f"shard names differ (store has {len(a)} shards, dataset has {len(b)}; first difference at "
+                f"shard {i}: store has {a[i] if i < len(a) else None!r}, dataset has {b[i] if i < len(b) else None!r})")
+    if stored.get("counts") != actual.get("counts"):
+        diff = [f"{name}: store has {x}, dataset has {y}"
+                for name, x, y in zip(actual["shards"], stored["counts"], actual["counts"]) if x != y]
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+        return f"sample counts differ ({', '.join(diff[:3])}{more})"
+    return "the sample keys differ (keys_sha256 of the same shards and counts)"
+
+
 def _describe_difference(name: str, stored: Any, requested: Any) -> str:
     if isinstance(stored, dict) and isinstance(requested, dict):
         keys = sorted(k for k in set(stored) | set(requested) if stored.get(k) != requested.get(k))
@@ -212,7 +227,7 @@ class CacheStore:
         fingerprint = dataset.fingerprint()
         if fingerprint != self.dataset_fingerprint:
             raise StoreError(f"store {self.path} was built from another dataset: "
-                             + _describe_difference("dataset fingerprint", self.dataset_fingerprint, fingerprint))
+                             + _fingerprint_difference(self.dataset_fingerprint, fingerprint))
 
     # ----- layout ---------------------------------------------------------------
 

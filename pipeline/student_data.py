@@ -445,26 +445,9 @@ class _TaskRunner:
 # ---------------------------------------------------------------------------- store checks (main process)
 
 
-def _fingerprint_difference(stored: dict, actual: dict) -> str:
-    if stored.get("shards") != actual.get("shards"):
-        a, b = list(stored.get("shards", [])), list(actual.get("shards", []))
-        i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        first = f"; first difference at shard {i}: store has {a[i] if i < len(a) else None!r}, " \
-                f"dataset has {b[i] if i < len(b) else None!r}"
-        return f"shard names differ (store has {len(a)} shards, dataset has {len(b)}{first})"
-    if stored.get("counts") != actual.get("counts"):
-        diff = [f"{name}: store has {x}, dataset has {y}"
-                for name, x, y in zip(actual["shards"], stored["counts"], actual["counts"]) if x != y]
-        return f"sample counts differ ({_listed(diff)})"
-    return "the sample keys differ (keys_sha256 of the same shards and counts)"
-
-
 def _check_store(store: CacheStore, dataset: DatasetIndex, teacher_ids: Sequence[str]) -> None:
     """The store must be of this dataset and complete for every requested teacher."""
-    fingerprint = dataset.fingerprint()
-    if fingerprint != store.dataset_fingerprint:
-        raise StoreError(f"store {store.path} was built from another dataset: "
-                         f"{_fingerprint_difference(store.dataset_fingerprint, fingerprint)}")
+    store.check_dataset(dataset)
     used = [s for s, info in enumerate(dataset.shards) if info.num_samples > 0]
     missing = [dataset.shards[s].name for s, done in zip(used, store.samples_done()[used]) if not done]
     if missing:

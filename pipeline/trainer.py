@@ -92,6 +92,12 @@ def cached_targets(batch: StudentBatch, temperatures: tuple[float, ...], num_cla
             for tid, t in batch.teachers.items()}
 
 
+def load_online_teachers(config: TrainConfig, device: torch.device) -> dict[str, Teacher]:
+    teachers = [load_teacher(parse_teacher_spec(spec), device, random_init=config.random_init_online, seed=config.seed)
+                for spec in config.online_teachers]
+    return {t.spec.teacher_id: t for t in teachers}
+
+
 def online_targets(batch: StudentBatch, teachers: dict[str, Teacher], temperatures: tuple[float, ...],
                    device: torch.device) -> dict[str, TeacherTargets]:
     targets = {}
@@ -119,10 +125,7 @@ class WorkerRun:
         torch.manual_seed(config.seed)  # same initial weights on every rank
         self.student = create_student(config, self.num_classes).to(self.device)
         self.input = StudentInput.from_model(self.student, config.img_size)
-        self.online = {spec: load_teacher(parse_teacher_spec(spec), self.device,
-                                          random_init=config.random_init_online, seed=config.seed)
-                       for spec in config.online_teachers}
-        self.online = {t.spec.teacher_id: t for t in self.online.values()}
+        self.online = load_online_teachers(config, self.device)
         distill = DistillLoss(self._loss_config(), self.student.num_features, self._feature_dims())
         self.module = StudentWithLoss(self.student, distill).to(self.device)
         self.ddp = (nn.parallel.DistributedDataParallel(self.module) if self.world_size > 1 else self.module)
@@ -133,13 +136,12 @@ class WorkerRun:
                                          self._stream_config(train=False), self.rank, self.world_size,
                                          eval_mode=True) if config.val_shards else None)
         self.steps_per_epoch = self.train_stream.steps_per_epoch()
-        self.optimizer = create_optimizer_v2(self.module, opt="adamw", lr=config.lr,
-                                                        weight_decay=config.weight_decay)
+        self.optimizer = create_optimizer_v2(self.module, opt="adamw", lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, sched="cosine", num_epochs=config.epochs, warmup_epochs=config.warmup_epochs,
             min_lr=config.min_lr, warmup_lr=config.min_lr, step_on_epochs=False,
             updates_per_epoch=self.steps_per_epoch)
-        self.ema = ModelEmaV3(self.student, decay=config.ema_decay) if config.ema_decay > 0 else None
+        self.ema = ModelEmaV3(self.student, decay=config.ema_decay, use_warmup=True) if config.ema_decay > 0 else None
         self.mix = MixConfig(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix)
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
         torch.manual_seed(config.seed * 1000 + self.rank)  # dropout / drop-path differ per rank
@@ -238,7 +240,7 @@ class WorkerRun:
         started, images_seen = time.perf_counter(), 0
         batches = self.train_stream.iter_epoch(pos.epoch, pos.step_in_epoch)
         for batch in batches:
-            parts = self._train_step(batch)
+            parts = self.train_step(batch)
             pos.step += 1
             pos.step_in_epoch += 1
             images_seen += len(batch.labels) * self.world_size
@@ -256,7 +258,7 @@ class WorkerRun:
             if interrupt:
                 raise RuntimeError(f"interrupted after step {pos.step} (interrupt_after_steps)")
 
-    def _train_step(self, batch: StudentBatch) -> dict[str, torch.Tensor]:
+    def train_step(self, batch: StudentBatch) -> dict[str, torch.Tensor]:
         images = normalize(batch.images.to(self.device), self.input.mean, self.input.std)
         labels = batch.labels.to(self.device)
         targets = cached_targets(batch, self.temperatures, self.num_classes, self.device)
