@@ -51,7 +51,7 @@ class QuickstartResult:
         for label, runs in (("teacher", self.teachers), ("student", self.students)):
             for name, summary in runs.items():
                 e = summary.final_eval or {}
-                rows.append((f"{label} {name}", _model_of(summary.run_dir), f"{e.get('top1', float('nan')):.2f}",
+                rows.append((f"{label} {name}", summary.model, f"{e.get('top1', float('nan')):.2f}",
                              f"{e.get('top5', float('nan')):.2f}", f"{e.get('ema_top1', float('nan')):.2f}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
@@ -63,12 +63,6 @@ class QuickstartResult:
             *[f"  {kind}: {s.run_dir}" for kind, runs in (("teacher", self.teachers), ("student", self.students))
               for s in runs.values()],
         ]
-
-
-def _model_of(run_dir: Path) -> str:
-    import json
-
-    return json.loads((run_dir / "run.json").read_text())["model"]
 
 
 def run_quickstart(config: QuickstartConfig) -> QuickstartResult:

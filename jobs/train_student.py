@@ -23,7 +23,7 @@ import regla  # noqa: F401  (registers the regla_* models with timm)
 from jobs.ray_env import ray_session
 from pipeline.metrics import read_metrics
 from pipeline.shards import DatasetIndex, index_dataset
-from pipeline.store import CacheStore, StoreError
+from pipeline.store import CacheStore
 from pipeline.train_config import ConfigError, TrainConfig, check_run_dir, save_run_config
 from teachers import load_teacher, parse_teacher_spec
 
@@ -46,6 +46,7 @@ class ProgressBoard:
 @dataclass
 class TrainSummary:
     run_dir: Path
+    model: str
     steps: int
     seconds: float
     final_eval: dict[str, Any] | None
@@ -73,19 +74,10 @@ def check_model_name(name: str) -> None:
 def plan_cached_teachers(config: TrainConfig, dataset: DatasetIndex) -> tuple[dict[str, dict], tuple[float, ...]]:
     """The store's teachers to use (with class count and feature size) and its temperatures, after checks."""
     store = CacheStore.open(config.store)
-    store.check_dataset(dataset)
-    available = store.teacher_ids
-    chosen = config.teachers or available
-    unknown = [t for t in chosen if t not in available]
-    if unknown:
-        raise StoreError(f"{config.store}: no teacher {', '.join(map(repr, unknown))}; "
-                         f"it holds {', '.join(available) or 'none'}")
+    chosen = config.teachers or store.teacher_ids
+    store.check_ready(dataset, chosen)
     teachers = {}
     for tid in chosen:
-        missing = [dataset.shards[i].name for i, done in enumerate(store.teacher_done(tid)) if not done]
-        if missing:
-            raise StoreError(f"{config.store}: teacher {tid!r} is not cached for {len(missing)} shard(s), "
-                             f"e.g. {missing[0]}; finish it with `pipeline cache-teachers`")
         record = store.teacher_record(tid)
         teachers[tid] = {"num_classes": record["num_classes"], "feature_dim": record["feature_dim"],
                          "features": "features" in store.teacher(tid)}
@@ -96,8 +88,7 @@ def plan_run(config: TrainConfig) -> dict[str, Any]:
     """Check every input and resolve what the workers need; raise a clear error on the first problem."""
     check_model_name(config.model)
     dataset = index_dataset(config.shards)
-    if config.val_shards:
-        index_dataset(config.val_shards)
+    val_dataset = index_dataset(config.val_shards) if config.val_shards else None
     teachers, temperatures = {}, (config.temperature,)
     if config.store and not config.no_distill:
         teachers, temperatures = plan_cached_teachers(config, dataset)
@@ -123,8 +114,10 @@ def plan_run(config: TrainConfig) -> dict[str, Any]:
         raise ConfigError(f"the student has {num_classes} classes, but teacher(s) "
                           + ", ".join(f"{tid!r} have {n}" for tid, n in wrong.items()))
     check_run_dir(config)
+    # The indexes travel to the workers: indexing shards without a manifest reads every tar.
     return {"num_classes": num_classes, "teachers": teachers, "temperatures": list(temperatures),
-            "label_names": list(dataset.class_names) if dataset.class_names else None}
+            "label_names": list(dataset.class_names) if dataset.class_names else None,
+            "dataset": dataset, "val_dataset": val_dataset}
 
 
 def _use_gpu(config: TrainConfig) -> bool:
@@ -166,7 +159,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
     records = read_metrics(config.run_dir)
     evals = [r for r in records if r["kind"] == "eval"]
     trains = [r for r in records if r["kind"] == "train"]
-    return TrainSummary(run_dir=config.run_dir, steps=trains[-1]["step"] if trains else 0,
+    return TrainSummary(run_dir=config.run_dir, model=config.model, steps=trains[-1]["step"] if trains else 0,
                         seconds=time.perf_counter() - started, final_eval=evals[-1] if evals else None,
                         images_per_second=trains[-1]["images_per_s"] if trains else None)
 

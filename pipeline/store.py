@@ -110,6 +110,15 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+MAX_LISTED = 10  # shard names / keys quoted in one error message
+
+
+def listed(names: list[str]) -> str:
+    """The first MAX_LISTED names, comma-separated, saying how many there are in all if more."""
+    more = f", ... ({len(names)} in all)" if len(names) > MAX_LISTED else ""
+    return ", ".join(names[:MAX_LISTED]) + more
+
+
 def _fingerprint_difference(stored: dict, actual: dict) -> str:
     """The first way two dataset fingerprints differ: shard names, then counts, then keys."""
     if stored.get("shards") != actual.get("shards"):
@@ -120,8 +129,7 @@ def _fingerprint_difference(stored: dict, actual: dict) -> str:
     if stored.get("counts") != actual.get("counts"):
         diff = [f"{name}: store has {x}, dataset has {y}"
                 for name, x, y in zip(actual["shards"], stored["counts"], actual["counts"]) if x != y]
-        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
-        return f"sample counts differ ({', '.join(diff[:3])}{more})"
+        return f"sample counts differ ({listed(diff)})"
     return "the sample keys differ (keys_sha256 of the same shards and counts)"
 
 
@@ -228,6 +236,24 @@ class CacheStore:
         if fingerprint != self.dataset_fingerprint:
             raise StoreError(f"store {self.path} was built from another dataset: "
                              + _fingerprint_difference(self.dataset_fingerprint, fingerprint))
+
+    def check_ready(self, dataset: DatasetIndex, teacher_ids: list[str] | tuple[str, ...]) -> None:
+        """Refuse to train from this store unless it is of ``dataset`` and complete for every teacher asked for."""
+        self.check_dataset(dataset)
+        used = [s for s, info in enumerate(dataset.shards) if info.num_samples > 0]
+        missing = [dataset.shards[s].name for s, done in zip(used, self.samples_done()[used]) if not done]
+        if missing:
+            raise StoreError(f"store {self.path} has no sample rows for {len(missing)} shard(s): {listed(missing)}; "
+                             "finish it with `pipeline cache-teachers`")
+        for tid in teacher_ids:
+            if tid not in self.teacher_ids:
+                raise StoreError(f"store {self.path} has no teacher {tid!r}; "
+                                 f"it holds {', '.join(self.teacher_ids) or 'none'}")
+            done = self.teacher_done(tid)
+            missing = [dataset.shards[s].name for s in used if not done[s]]
+            if missing:
+                raise StoreError(f"teacher {tid!r} is not complete in store {self.path}: {len(missing)} shard(s) "
+                                 f"missing: {listed(missing)}; finish it with `pipeline cache-teachers`")
 
     # ----- layout ---------------------------------------------------------------
 

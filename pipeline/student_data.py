@@ -42,14 +42,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.shards import DatasetError, DatasetIndex, ImageDecodeError, RawSample, decode_image, hash_keys, \
     iter_shard
-from pipeline.store import CacheStore, ShardSamples, StoreError, TeacherOutputs
+from pipeline.store import MAX_LISTED, CacheStore, ShardSamples, TeacherOutputs, listed
 from pipeline.views import ViewPolicy, _center_crop, _random_resized_crop, _view_rng, render_view
 
 __all__ = ["CachedTeacherBatch", "StreamConfig", "StreamStats", "StudentBatch", "StudentInput", "StudentStream"]
 
 SizeKey = tuple[int, int, str]  # (height, width, interpolation)
 EVAL_VIEW = -1  # the view id of the evaluation centre crop
-_MAX_LISTED = 10  # shard names / keys quoted in one error or stats entry
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -228,11 +227,6 @@ def _decode(raw: RawSample) -> torch.Tensor:
     if raw.image_bytes is None:
         raise ImageDecodeError("no image member (jpg/jpeg/png/webp)")
     return torch.from_numpy(np.ascontiguousarray(decode_image(raw.image_bytes).transpose(2, 0, 1)))
-
-
-def _listed(names: Sequence[str]) -> str:
-    more = f", ... ({len(names)} in all)" if len(names) > _MAX_LISTED else ""
-    return ", ".join(names[:_MAX_LISTED]) + more
 
 
 # ---------------------------------------------------------------------------- one shard (loader side)
@@ -445,24 +439,6 @@ class _TaskRunner:
 # ---------------------------------------------------------------------------- store checks (main process)
 
 
-def _check_store(store: CacheStore, dataset: DatasetIndex, teacher_ids: Sequence[str]) -> None:
-    """The store must be of this dataset and complete for every requested teacher."""
-    store.check_dataset(dataset)
-    used = [s for s, info in enumerate(dataset.shards) if info.num_samples > 0]
-    missing = [dataset.shards[s].name for s, done in zip(used, store.samples_done()[used]) if not done]
-    if missing:
-        raise StoreError(f"store {store.path} has no sample rows for {len(missing)} shard(s): {_listed(missing)}; "
-                         "finish it with `pipeline cache-teachers`")
-    for tid in teacher_ids:
-        if tid not in store.teacher_ids:
-            raise StoreError(f"store {store.path} has no teacher {tid!r} (it has: {', '.join(store.teacher_ids)})")
-        done = store.teacher_done(tid)
-        missing = [dataset.shards[s].name for s in used if not done[s]]
-        if missing:
-            raise StoreError(f"teacher {tid!r} is not complete in store {store.path}: {len(missing)} shard(s) "
-                             f"missing: {_listed(missing)}; finish it with `pipeline cache-teachers`")
-
-
 # ---------------------------------------------------------------------------- the stream
 
 
@@ -505,7 +481,7 @@ class StudentStream:
 
     def _read_store(self, path: str) -> tuple[int, np.ndarray]:
         store = CacheStore.open(path)
-        _check_store(store, self.dataset, self.config.teacher_ids)
+        store.check_ready(self.dataset, self.config.teacher_ids)
         num_views = store.config.views.num_views
         if self.config.crops_per_image > num_views:
             raise ValueError(f"crops_per_image {self.config.crops_per_image} exceeds the store's {num_views} views")
@@ -595,7 +571,7 @@ class StudentStream:
                 return
             if start == 0 and produced == 0:
                 raise DatasetError(f"rank {self.rank}: no sample of its shards gives an example "
-                                   f"({_listed([self.dataset.shards[s].name for s in shards])})")
+                                   f"({listed([self.dataset.shards[s].name for s in shards])})")
             start = 0
             self.stats.wraps += 1
 
@@ -616,7 +592,7 @@ class StudentStream:
         stats.shards_read += 1
         stats.skipped_invalid += result.skipped_invalid
         stats.undecodable += len(result.undecodable)
-        stats.undecodable_samples.extend(result.undecodable[:max(0, _MAX_LISTED - len(stats.undecodable_samples))])
+        stats.undecodable_samples.extend(result.undecodable[:max(0, MAX_LISTED - len(stats.undecodable_samples))])
 
     # ----- lifetime --------------------------------------------------------------
 

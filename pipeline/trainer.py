@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import timm
 import torch
 import torch.distributed as dist
@@ -30,7 +29,6 @@ from pipeline.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_
 from pipeline.export import export_student
 from pipeline.losses import DistillLoss, DistillLossConfig, MixConfig, TeacherLossWeights, TeacherTargets, mix_batch
 from pipeline.metrics import MetricsLog, plot_curves
-from pipeline.shards import index_dataset
 from pipeline.student_data import StreamConfig, StudentBatch, StudentInput, StudentStream
 from pipeline.train_config import TrainConfig
 from pipeline.views import normalize
@@ -130,11 +128,11 @@ class WorkerRun:
         self.module = StudentWithLoss(self.student, distill).to(self.device)
         self.ddp = (nn.parallel.DistributedDataParallel(self.module) if self.world_size > 1 else self.module)
 
-        self.train_stream = StudentStream(index_dataset(config.shards), None if config.no_distill else config.store,
+        self.train_stream = StudentStream(plan["dataset"], None if config.no_distill else config.store,
                                           self.input, self._stream_config(train=True), self.rank, self.world_size)
-        self.val_stream = (StudentStream(index_dataset(config.val_shards), None, self.input,
-                                         self._stream_config(train=False), self.rank, self.world_size,
-                                         eval_mode=True) if config.val_shards else None)
+        self.val_stream = (StudentStream(plan["val_dataset"], None, self.input, self._stream_config(train=False),
+                                         self.rank, self.world_size, eval_mode=True)
+                           if plan["val_dataset"] is not None else None)
         self.steps_per_epoch = self.train_stream.steps_per_epoch()
         self.optimizer = create_optimizer_v2(self.module, opt="adamw", lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler, _ = create_scheduler_v2(
@@ -263,9 +261,7 @@ class WorkerRun:
         labels = batch.labels.to(self.device)
         targets = cached_targets(batch, self.temperatures, self.num_classes, self.device)
         targets.update(online_targets(batch, self.online, self.temperatures, self.device))
-        lam = 1.0
-        if self.mix.mixup_alpha > 0 or self.mix.cutmix_alpha > 0:
-            images, lam = mix_batch(images, self.mix, self.generator)
+        images, lam = mix_batch(images, self.mix, self.generator)  # lam = 1 (untouched) when mixing is off
         with autocast_context(self.config, self.device):
             loss, parts = self.ddp(images, labels, targets, lam, self.generator)
         if not torch.isfinite(loss):
@@ -326,7 +322,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     config = TrainConfig.from_dict(loop_config["config"])
     threads = max(1, math.floor(loop_config["plan"]["cpus_per_worker"]))
     torch.set_num_threads(threads)
-    np.random.seed(config.seed)
     run = WorkerRun(config, loop_config["plan"], loop_config.get("progress"))
     try:
         run.train()
