@@ -318,6 +318,9 @@ def _train_options(config_file: str | None, flags: dict) -> dict:
 @click.option("--ema-decay", type=float, help="Weight EMA decay; 0 turns the EMA off.  [default: 0.999]")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
               help="auto: bf16 autocast on GPUs that support it, fp32 elsewhere.  [default: auto]")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="NHWC memory format for the student and its inputs (faster convolutions; ReGLA trains "
+                   "about 1.7x faster on CPU).  [default: on]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[default: auto]")
 @click.option("--seed", type=int, help="Seed of weights, data order and augmentation.  [default: 0]")
 @click.option("--checkpoint-every", type=click.IntRange(min=1),

@@ -44,6 +44,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda when Ray has GPUs, else cpu
     precision: str = "auto"  # auto: bf16 on GPUs that support it, fp32 elsewhere
+    channels_last: bool = True  # NHWC student weights and inputs: faster convolutions on CPU and GPU
     # distillation
     no_distill: bool = False
     teachers: list[str] = field(default_factory=list)  # cached teacher ids to use; empty = all in the store

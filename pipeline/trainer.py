@@ -121,7 +121,8 @@ class WorkerRun:
         self.temperatures = tuple(plan["temperatures"])
 
         torch.manual_seed(config.seed)  # same initial weights on every rank
-        self.student = create_student(config, self.num_classes).to(self.device)
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.student = create_student(config, self.num_classes).to(self.device, memory_format=self.memory_format)
         self.input = StudentInput.from_model(self.student, config.img_size)
         self.online = load_online_teachers(config, self.device)
         distill = DistillLoss(self._loss_config(), self.student.num_features, self._feature_dims())
@@ -256,8 +257,12 @@ class WorkerRun:
             if interrupt:
                 raise RuntimeError(f"interrupted after step {pos.step} (interrupt_after_steps)")
 
-    def train_step(self, batch: StudentBatch) -> dict[str, torch.Tensor]:
+    def _student_images(self, batch: StudentBatch) -> torch.Tensor:
         images = normalize(batch.images.to(self.device), self.input.mean, self.input.std)
+        return images.contiguous(memory_format=self.memory_format)
+
+    def train_step(self, batch: StudentBatch) -> dict[str, torch.Tensor]:
+        images = self._student_images(batch)
         labels = batch.labels.to(self.device)
         targets = cached_targets(batch, self.temperatures, self.num_classes, self.device)
         targets.update(online_targets(batch, self.online, self.temperatures, self.device))
@@ -286,7 +291,7 @@ class WorkerRun:
         k = min(5, self.num_classes)
         counts = torch.zeros(2 * len(models) + 1, dtype=torch.float64)
         for batch in self.val_stream.iter_epoch(0):
-            images = normalize(batch.images.to(self.device), self.input.mean, self.input.std)
+            images = self._student_images(batch)
             labels = batch.labels.to(self.device)
             for i, model in enumerate(models.values()):
                 with autocast_context(self.config, self.device):
