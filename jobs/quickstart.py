@@ -7,13 +7,14 @@ trained on labels alone (same seed, same epochs) -> a table of val accuracies.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.cache_teachers import CacheJob, run_cache_job
 from jobs.ray_env import ray_session
-from jobs.train_student import TrainSummary, run_training
+from jobs.train_student import TrainSummary, run_trainings
 from pipeline.make_shards import make_mnist_sample
 from pipeline.store import CacheConfig
 from pipeline.train_config import ConfigError, TrainConfig
@@ -72,14 +73,18 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
     started = time.perf_counter()
     train_manifest, val_manifest = make_mnist_sample(str(out / "shards"), img_size=config.img_size,
                                                      seed=config.seed, progress=config.progress)
+    # Two runs at a time, one CPU share each: small models use a second thread poorly,
+    # and the runs overlap each other's start-up.
+    cpus_per_run = max(1.0, (os.cpu_count() or 2) / 2)
     common = dict(shards=[train_manifest], val_shards=[val_manifest], img_size=config.img_size,
                   batch_size=config.batch_size, seed=config.seed, progress=config.progress,
+                  cpus_per_worker=cpus_per_run,
                   loader_workers=0)  # decoding 32 px digits costs less than a spawned loader process
     with ray_session():
-        teachers = {}
-        for name in config.teachers:
-            teachers[name] = run_training(TrainConfig(out=str(out / "teachers" / name), model=name, no_distill=True,
-                                                      epochs=config.teacher_epochs, **common))
+        teacher_runs = run_trainings([TrainConfig(out=str(out / "teachers" / name), model=name, no_distill=True,
+                                                  epochs=config.teacher_epochs, **common)
+                                      for name in config.teachers], labels=list(config.teachers))
+        teachers = dict(zip(config.teachers, teacher_runs))
         store = out / "cache.zarr"
         specs = [parse_teacher_spec(f"{name}@{summary.run_dir / 'model.safetensors'},img_size={config.img_size}")
                  for name, summary in teachers.items()]
@@ -88,12 +93,13 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
                                         config=cache_config), progress=config.progress)
         if cached.failed:
             raise RuntimeError(f"caching failed for {', '.join(cached.failed)}")
-        students = {
-            "KD from cache": run_training(TrainConfig(out=str(out / "students" / "kd"), model=config.student,
-                                                      store=str(store), epochs=config.student_epochs,
-                                                      **config.kd_options, **common)),
-            "labels only": run_training(TrainConfig(out=str(out / "students" / "labels"), model=config.student,
-                                                    no_distill=True, epochs=config.student_epochs, **common)),
-        }
+        student_labels = ["KD from cache", "labels only"]
+        student_runs = run_trainings([
+            TrainConfig(out=str(out / "students" / "kd"), model=config.student, store=str(store),
+                        epochs=config.student_epochs, **config.kd_options, **common),
+            TrainConfig(out=str(out / "students" / "labels"), model=config.student, no_distill=True,
+                        epochs=config.student_epochs, **common),
+        ], labels=student_labels)
+        students = dict(zip(student_labels, student_runs))
     return QuickstartResult(out=out, teachers=teachers, students=students, store=store,
                             seconds=time.perf_counter() - started)

@@ -135,32 +135,53 @@ def _cpus_per_worker(config: TrainConfig) -> float:
 
 def run_training(config: TrainConfig) -> TrainSummary:
     """Train one student as ``config`` says, on the embedded Ray or the cluster at ``config.address``."""
+    return run_trainings([config])[0]
+
+
+def run_trainings(configs: list[TrainConfig], labels: list[str] | None = None) -> list[TrainSummary]:
+    """Train several students at the same time on one Ray, each with its own progress bar.
+
+    Every input of every run is checked before any of them starts. Small models use
+    two CPU threads poorly, so on a small machine two one-CPU runs side by side (say
+    a KD student and its labels-only baseline) finish sooner than one after the other.
+    """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.trainer import train_worker
 
-    plan = plan_run(config)
-    save_run_config(config)
-    started = time.perf_counter()
-    with ray_session(config.address):
-        use_gpu = _use_gpu(config)
-        plan["cpus_per_worker"] = _cpus_per_worker(config)
-        board = ProgressBoard.remote()
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={"config": config.to_dict(), "plan": plan, "progress": board},
-            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": plan["cpus_per_worker"]}),
-            run_config=RunConfig(storage_path=str(config.run_dir.resolve() / "ray"), name="train",
-                                 failure_config=FailureConfig(max_failures=0)),
-        )
-        _fit_with_progress(trainer, board, config.progress)
+    addresses = {config.address for config in configs}
+    if len(addresses) > 1:
+        raise ConfigError(f"runs trained together must share one Ray address, got {sorted(map(str, addresses))}")
+    labels = labels or [config.run_dir.name for config in configs]
+    plans = [plan_run(config) for config in configs]
+    for config in configs:
+        save_run_config(config)
+    with ray_session(configs[0].address):
+        runs = []
+        for config, plan, label in zip(configs, plans, labels):
+            use_gpu = _use_gpu(config)
+            plan["cpus_per_worker"] = _cpus_per_worker(config)
+            board = ProgressBoard.remote()
+            trainer = TorchTrainer(
+                train_worker,
+                train_loop_config={"config": config.to_dict(), "plan": plan, "progress": board},
+                scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
+                                             resources_per_worker={"CPU": plan["cpus_per_worker"]}),
+                run_config=RunConfig(storage_path=str(config.run_dir.resolve() / "ray"), name="train",
+                                     failure_config=FailureConfig(max_failures=0)),
+            )
+            runs.append(_FitRun(trainer, board, label if len(configs) > 1 else None, config.progress))
+        seconds = _fit_with_progress(runs)
+    return [_summarize(config, seconds[i]) for i, config in enumerate(configs)]
+
+
+def _summarize(config: TrainConfig, seconds: float) -> TrainSummary:
     records = read_metrics(config.run_dir)
     evals = [r for r in records if r["kind"] == "eval"]
     trains = [r for r in records if r["kind"] == "train"]
     return TrainSummary(run_dir=config.run_dir, model=config.model, steps=trains[-1]["step"] if trains else 0,
-                        seconds=time.perf_counter() - started, final_eval=evals[-1] if evals else None,
+                        seconds=seconds, final_eval=evals[-1] if evals else None,
                         images_per_second=trains[-1]["images_per_s"] if trains else None)
 
 
@@ -168,48 +189,75 @@ class TrainingFailed(RuntimeError):
     """A worker failed; the run can continue from its last checkpoint with --resume."""
 
 
-def _fit_with_progress(trainer: Any, board: Any, show: bool) -> None:
-    outcome: dict[str, Any] = {}
+@dataclass
+class _FitRun:
+    """One TorchTrainer fitting in a background thread, and the driver-side view of its progress."""
 
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except Exception as e:  # reported on the driver thread below
-            outcome["error"] = e
+    trainer: Any
+    board: Any
+    label: str | None
+    show: bool
+    bar: Any = None
+    result: Any = None
+    error: BaseException | None = None
+    thread: threading.Thread | None = None
 
-    thread = threading.Thread(target=fit, daemon=True)
-    thread.start()
-    bar = None
-    while True:
-        alive = thread.is_alive()
-        for record in ray.get(board.drain.remote()):
-            bar = _show(record, bar, show)
-        if not alive:
-            break
-        thread.join(timeout=0.5)
-    if bar is not None:
-        bar.close()
-    error = outcome.get("error") or getattr(outcome.get("result"), "error", None)
-    if error is not None:
-        raise TrainingFailed(f"training failed: {_root_cause(error)}") from error
+    def start(self) -> None:
+        def fit() -> None:
+            try:
+                self.result = self.trainer.fit()
+            except Exception as e:  # reported on the driver thread
+                self.error = e
+
+        self.thread = threading.Thread(target=fit, daemon=True)
+        self.thread.start()
 
 
-def _show(record: dict[str, Any], bar: Any, show: bool) -> Any:
+def _fit_with_progress(runs: list[_FitRun]) -> dict[int, float]:
+    """Fit every run at once; show their progress; return each run's wall seconds; raise if one failed."""
+    started = time.perf_counter()
+    seconds: dict[int, float] = {}
+    for run in runs:
+        run.start()
+    while len(seconds) < len(runs):
+        for i, run in enumerate(runs):
+            if i in seconds:
+                continue
+            alive = run.thread.is_alive()
+            for record in ray.get(run.board.drain.remote()):
+                _show(record, run, position=i)
+            if not alive:
+                seconds[i] = time.perf_counter() - started
+        time.sleep(0.5)
+    for run in runs:
+        if run.bar is not None:
+            run.bar.close()
+    failures = [(run.label, run.error or getattr(run.result, "error", None)) for run in runs]
+    failures = [(label, error) for label, error in failures if error is not None]
+    if failures:
+        label, error = failures[0]
+        raise TrainingFailed(f"training {label + ' ' if label else ''}failed: {_root_cause(error)}") from error
+    return seconds
+
+
+def _show(record: dict[str, Any], run: _FitRun, position: int) -> None:
     from tqdm import tqdm
 
-    if not show:
-        return bar
+    if not run.show:
+        return
     if record["kind"] == "start":
-        bar = tqdm(total=record["total_steps"], initial=record["step"], unit="step", dynamic_ncols=True)
-    elif record["kind"] == "train" and bar is not None:
-        bar.update(record["step"] - bar.n)
-        bar.set_postfix(_loss_summary(record) | {"img/s": f"{record['images_per_s']:.0f}"}, refresh=True)
+        run.bar = tqdm(total=record["total_steps"], initial=record["step"], unit="step", desc=run.label,
+                       position=position, dynamic_ncols=True)
+    elif record["kind"] == "train" and run.bar is not None:
+        run.bar.update(record["step"] - run.bar.n)
+        run.bar.set_postfix(_loss_summary(record) | {"img/s": f"{record['images_per_s']:.0f}"}, refresh=True)
     elif record["kind"] == "eval":
         line = f"epoch {record['epoch']}: val top-1 {record['top1']:.2f}%  top-5 {record['top5']:.2f}%"
         if "ema_top1" in record:
             line += f"  (EMA top-1 {record['ema_top1']:.2f}%)"
-        (bar.write if bar is not None else print)(line)
-    return bar
+        if run.label:
+            line = f"{run.label}: {line}"
+        (run.bar.write if run.bar is not None else print)(line)
 
 
 def _loss_summary(record: dict[str, Any]) -> dict[str, str]:

@@ -7,14 +7,14 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from jobs.train_student import plan_run
+from jobs.train_student import TrainingFailed, plan_run, run_trainings
 from pipeline.cache_shard import ShardCacher
 from pipeline.cli import main
 from pipeline.make_shards import make_mnist_sample
 from pipeline.metrics import read_metrics
 from pipeline.shards import index_dataset
 from pipeline.store import CacheConfig, CacheStore
-from pipeline.train_config import TrainConfig, save_run_config
+from pipeline.train_config import ConfigError, TrainConfig, save_run_config
 from pipeline.trainer import train_worker
 from pipeline.views import ViewPolicy
 from teachers import load_teacher, parse_teacher_spec
@@ -155,6 +155,14 @@ def test_store_of_other_shards_is_refused(data, tmp_path):
     assert result.exit_code == 1 and "was built from another dataset" in result.output
 
 
+def test_runs_trained_together_are_all_checked_before_any_starts(data, tmp_path):
+    good = _config(data, tmp_path / "good", no_distill=True, store=None)
+    bad = _config(data, tmp_path / "bad", model="regla_tt")
+    with pytest.raises(ConfigError, match="unknown model 'regla_tt'"):
+        run_trainings([good, bad])
+    assert not (tmp_path / "good" / "run.json").exists()
+
+
 # -- on Ray Train, through the CLI ----------------------------------------------------------------------------
 
 
@@ -176,3 +184,16 @@ def test_two_ddp_workers_on_ray_resume_a_killed_run(data, tmp_path, ray_local):
     assert whole.exit_code == 0, whole.output
     a, b = _weights(tmp_path / "run"), _weights(tmp_path / "whole")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_runs_side_by_side_on_ray_finish_or_fail_on_their_own(data, tmp_path, ray_local):
+    finishing = _config(data, tmp_path / "kd", epochs=1, cpus_per_worker=1)
+    failing = _config(data, tmp_path / "labels", epochs=1, cpus_per_worker=1, no_distill=True, store=None,
+                      interrupt_after_steps=2)
+    with pytest.raises(TrainingFailed, match="training labels-only failed: .*interrupted after step 2"):
+        run_trainings([finishing, failing], labels=["kd", "labels-only"])
+    assert (tmp_path / "kd" / "model.safetensors").exists()
+    assert [r["samples"] for r in read_metrics(tmp_path / "kd") if r["kind"] == "eval"] == [300]
+    assert not (tmp_path / "labels" / "model.safetensors").exists()
+    assert _train_records(tmp_path / "labels")[-1]["step"] == 2
