@@ -26,6 +26,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         ray.init(address=address, log_to_driver=True)
     else:
         os.environ.pop("RAY_ADDRESS", None)
+        # Ray Train's preemption watcher (one more process per run) has nothing to watch on one machine.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  dashboard_host="127.0.0.1", log_to_driver=True,
                  logging_config=ray.LoggingConfig(log_level="ERROR"))

@@ -145,7 +145,7 @@ def run_trainings(configs: list[TrainConfig], labels: list[str] | None = None) -
     two CPU threads poorly, so on a small machine two one-CPU runs side by side (say
     a KD student and its labels-only baseline) finish sooner than one after the other.
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.trainer import train_worker
@@ -169,7 +169,8 @@ def run_trainings(configs: list[TrainConfig], labels: list[str] | None = None) -
                 scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
                                              resources_per_worker={"CPU": plan["cpus_per_worker"]}),
                 run_config=RunConfig(storage_path=str(config.run_dir.resolve() / "ray"), name="train",
-                                     failure_config=FailureConfig(max_failures=0)),
+                                     failure_config=FailureConfig(max_failures=0),
+                                     logging_config=LoggingConfig(log_level="WARNING")),
             )
             runs.append(_FitRun(trainer, board, label if len(configs) > 1 else None, config.progress))
         seconds = _fit_with_progress(runs)
