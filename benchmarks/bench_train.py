@@ -5,7 +5,8 @@ three ways to get the targets, measured side by side in interleaved rounds:
 
 - labels:  label cross-entropy only (``--no-distill``);
 - cached:  KD from two teachers' top-k logits and log-sum-exp, read from the store;
-- online:  KD from the same two teachers run live on the same replayed views.
+- online:  KD from the same two teachers run live on the same replayed views;
+- labels_nchw: labels only with ``--no-channels-last``, to measure what NHWC buys.
 
 Also timed on its own: the two teachers' forward passes on one batch, which is what
 online KD should add to a step. Images per second count training examples. Run on an
@@ -66,7 +67,8 @@ def build_store(root: str, views: int, seed: int) -> tuple[str, str]:
 def make_run(mode: str, manifest: str, store: str, root: str, args: argparse.Namespace) -> WorkerRun:
     options = {"labels": dict(no_distill=True, store=None),
                "cached": dict(store=store),
-               "online": dict(store=store, online_teachers=list(TEACHERS), random_init_online=True)}[mode]
+               "online": dict(store=store, online_teachers=list(TEACHERS), random_init_online=True),
+               "labels_nchw": dict(no_distill=True, store=None, channels_last=False)}[mode]
     config = TrainConfig(shards=[manifest], out=os.path.join(root, mode), model=args.model, img_size=32,
                          epochs=1, batch_size=args.batch_size, loader_workers=0, seed=args.seed, progress=False,
                          **options)
@@ -115,7 +117,7 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="bench_train_")
     print(f"building shards and a 2-teacher store under {root} ...", flush=True)
     manifest, store = build_store(root, views=2, seed=args.seed)
-    modes = ("labels", "cached", "online")
+    modes = ("labels", "cached", "online", "labels_nchw")
     runs = {mode: make_run(mode, manifest, store, root, args) for mode in modes}
     # Batches are loaded once, outside the timed loop; the loader's own cost is reported apart.
     wanted = 2 + args.steps * args.rounds
@@ -148,6 +150,7 @@ def main() -> None:
         "ratio_cached_over_labels": ips["cached"] / ips["labels"],
         "speedup_cached_over_online": ips["cached"] / ips["online"],
         "predicted_speedup_from_teacher_share": (median["cached"] + teacher_time) / median["cached"],
+        "speedup_channels_last": ips["labels"] / ips["labels_nchw"],
         "torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.machine(),
         "cpus": os.cpu_count(),
     }
