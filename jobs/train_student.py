@@ -220,7 +220,7 @@ def _fit_with_progress(runs: list[_FitRun]) -> dict[int, float]:
     seconds: dict[int, float] = {}
     for run in runs:
         run.start()
-    while len(seconds) < len(runs):
+    while True:
         for i, run in enumerate(runs):
             if i in seconds:
                 continue
@@ -229,6 +229,8 @@ def _fit_with_progress(runs: list[_FitRun]) -> dict[int, float]:
                 _show(record, run, position=i)
             if not alive:
                 seconds[i] = time.perf_counter() - started
+        if len(seconds) == len(runs):
+            break
         time.sleep(0.5)
     for run in runs:
         if run.bar is not None:
