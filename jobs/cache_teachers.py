@@ -101,19 +101,26 @@ def prepare_store(job: CacheJob, dataset: DatasetIndex) -> CacheStore:
 
 
 class ShardWorker:
-    """A Ray actor: loads the teachers on first use, then caches one shard per call."""
+    """A Ray actor: loads its teachers as it starts, then caches one shard per call."""
 
     def __init__(self, store_path: str, specs: list[dict], random_init: bool, seed: int, device: str,
                  threads: int, faults: dict[int, tuple[str, int]]):
-        import timm  # noqa: F401  (imported now, while the driver is still preparing the store)
         import torch
 
         torch.set_num_threads(threads)
         self.store_path = store_path
-        self.specs = {d["teacher_id"]: TeacherSpec.from_dict(d) for d in specs}
-        self.random_init, self.seed, self.device, self.faults = random_init, seed, device, faults
-        self.teachers: dict[str, Teacher] = {}
+        self.device, self.faults = device, faults
         self._store: CacheStore | None = None
+        # Loaded now, while the driver is still preparing the store. A teacher that fails to load
+        # here fails each shard that needs it, with its own error.
+        self.teachers: dict[str, Teacher] = {}
+        self.load_errors: dict[str, str] = {}
+        for spec in map(TeacherSpec.from_dict, specs):
+            try:
+                self.teachers[spec.teacher_id] = load_teacher(spec, device, random_init=random_init, seed=seed)
+            except Exception as e:
+                self.load_errors[spec.teacher_id] = f"{type(e).__name__}: {e}"
+        self._checked: set[str] = set()
 
     @property
     def store(self) -> CacheStore:
@@ -122,15 +129,18 @@ class ShardWorker:
         return self._store
 
     def _teacher(self, teacher_id: str) -> Teacher:
-        if teacher_id not in self.teachers:
-            teacher = load_teacher(self.specs[teacher_id], self.device, random_init=self.random_init, seed=self.seed)
+        if teacher_id in self.load_errors:
+            raise TeacherSpecError(f"teacher '{teacher_id}' failed to load on this worker: "
+                                   f"{self.load_errors[teacher_id]}")
+        teacher = self.teachers[teacher_id]
+        if teacher_id not in self._checked:
             expected = self.store.teacher_record(teacher_id)["weights_sha256"]
             if teacher.weights_sha256 != expected:
                 raise TeacherSpecError(f"teacher '{teacher_id}' loaded on this worker has weights sha256 "
                                        f"{teacher.weights_sha256}, the store recorded {expected}: the weights "
                                        "changed, or this node sees another file")
-            self.teachers[teacher_id] = teacher
-        return self.teachers[teacher_id]
+            self._checked.add(teacher_id)
+        return teacher
 
     def process(self, shard: int, url: str, keys_sha256: str, teacher_ids: list[str], attempt: int) -> ShardResult:
         kind, attempts = self.faults.get(shard, ("", 0))
@@ -168,17 +178,18 @@ def _plan_workers(job: CacheJob) -> _WorkerPlan:
     return _WorkerPlan(count, "cpu", threads=max(1, node_cpus // per_node), num_cpus=0.5, num_gpus=0)
 
 
-def _start_workers(job: CacheJob, count: int) -> tuple[list, Callable[[], object]]:
-    """Start ``count`` worker actors (their imports overlap the driver's store preparation)."""
+def _start_workers(job: CacheJob, specs: list[TeacherSpec], count: int) -> tuple[list, Callable[[], object]]:
+    """Start ``count`` worker actors holding ``specs``; their imports and teacher loading overlap
+    the driver's store preparation."""
     import ray
 
     plan = _plan_workers(job)
     remote_worker = ray.remote(ShardWorker).options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
                                                     scheduling_strategy="SPREAD", max_restarts=0)
-    specs = [spec.to_dict() for spec in job.teachers]
+    spec_dicts = [spec.to_dict() for spec in specs]
 
     def new_worker():
-        return remote_worker.remote(job.store, specs, job.random_init, job.config.views.seed, plan.device,
+        return remote_worker.remote(job.store, spec_dicts, job.random_init, job.config.views.seed, plan.device,
                                     plan.threads, job.faults)
 
     return [new_worker() for _ in range(min(plan.count, count))], new_worker
@@ -255,9 +266,9 @@ def run_cache_job(job: CacheJob, progress: bool = True) -> CacheSummary:
     dataset = index_dataset(job.shards)
     results: list[ShardResult] = []
     failed: dict[int, str] = {}
-    if _maybe_pending(job, dataset):
+    if teachers_to_run := _teachers_with_work(job):
         with ray_session(job.address):
-            workers, new_worker = _start_workers(job, len(dataset.shards))
+            workers, new_worker = _start_workers(job, teachers_to_run, len(dataset.shards))
             store = prepare_store(job, dataset)
             work = _pending_work(job, store)
             results, failed = _run_on_ray(job, dataset, work, workers, new_worker, progress)
@@ -267,14 +278,14 @@ def run_cache_job(job: CacheJob, progress: bool = True) -> CacheSummary:
                       seconds=time.perf_counter() - start)
 
 
-def _maybe_pending(job: CacheJob, dataset: DatasetIndex) -> bool:
-    """False only when an existing store already holds every shard of every requested teacher."""
+def _teachers_with_work(job: CacheJob) -> list[TeacherSpec]:
+    """The requested teachers that the store does not hold on every shard (all of them for a new store)."""
     try:
         store = CacheStore.open(job.store)
     except StoreError:
-        return True
-    return any(spec.teacher_id not in store.teacher_ids or not store.teacher_done(spec.teacher_id).all()
-               for spec in job.teachers)
+        return list(job.teachers)
+    return [spec for spec in job.teachers
+            if spec.teacher_id not in store.teacher_ids or not store.teacher_done(spec.teacher_id).all()]
 
 
 def _pending_work(job: CacheJob, store: CacheStore) -> list[tuple[int, list[str]]]:

@@ -8,12 +8,12 @@ import timm
 import torch
 from PIL import Image
 
-from jobs.cache_teachers import CacheJob, run_cache_job
+from jobs.cache_teachers import CacheJob, ShardWorker, _teachers_with_work, run_cache_job
 from pipeline.shards import DatasetError
 from pipeline.store import CacheConfig, CacheStore, StoreError
 from pipeline.verify import verify_store
 from pipeline.views import ViewPolicy
-from teachers import parse_teacher_spec
+from teachers import TeacherSpecError, parse_teacher_spec
 
 TEACHERS = ["test_resnet,img_size=32,batch_size=8", "test_vit,img_size=32,batch_size=8,features=false"]
 SHARD_SIZES = (5, 5, 3)
@@ -133,6 +133,24 @@ def test_adding_a_teacher_computes_only_that_teacher(reference, shards, tmp_path
     after = _arrays(path)
     _assert_identical(before, after)  # the first teacher and the views are untouched
     _assert_identical(after, _arrays(reference[0]))  # and the new teacher matches a joint run
+
+
+def test_workers_get_only_the_teachers_with_work_left(reference, shards, tmp_path):
+    """A teacher complete on every shard is not loaded again on the workers."""
+    extra = "test_convnext,img_size=32,batch_size=8"
+    assert [s.teacher_id for s in _teachers_with_work(_job(shards, reference[0], teachers=[*TEACHERS, extra]))] == [
+        "test_convnext"]
+    assert _teachers_with_work(_job(shards, reference[0])) == []
+    assert len(_teachers_with_work(_job(shards, tmp_path / "new.zarr"))) == 2
+
+
+def test_teacher_that_fails_to_load_on_a_worker_fails_its_shards_with_its_error(reference, shards, tmp_path):
+    missing = parse_teacher_spec(f"test_resnet@{tmp_path}/gone.safetensors,img_size=32")
+    worker = ShardWorker(str(reference[0]), [missing.to_dict()], random_init=False, seed=0, device="cpu",
+                         threads=torch.get_num_threads(), faults={})
+    assert worker.teachers == {}
+    with pytest.raises(TeacherSpecError, match="'test_resnet' failed to load on this worker.*gone.safetensors"):
+        worker.process(0, f"{shards}/train-000000.tar", "", ["test_resnet"], attempt=0)
 
 
 def test_store_of_other_views_or_dataset_refuses_to_mix(reference, shards, tmp_path):
