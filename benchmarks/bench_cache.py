@@ -13,11 +13,14 @@ teachers, batch size, device and threads, measured side by side in interleaved r
           sample and view.
 
 Throughput is images per second, an image counting once all its V views went
-through every teacher. Run on an idle machine: two-thread CPU timings swing by up
-to 10x when another process is busy.
+through every teacher. The ratios are taken within each round (the modes of one
+round run back to back) and the median over rounds is reported: this VM has slow
+spells that would otherwise land on one mode and not the other. Run on an idle
+machine: two-thread CPU timings swing by up to 10x when another process is busy.
 
-    python benchmarks/bench_cache.py                 # ~7 min on 2 CPU cores
+    python benchmarks/bench_cache.py                 # ~11 min on 2 CPU cores
     python benchmarks/bench_cache.py --quick         # smaller, one round
+    python benchmarks/bench_cache.py --teacher vit_base_patch16_224,dtype=bf16,batch_size=256   # on a GPU
 """
 
 from __future__ import annotations
@@ -50,8 +53,8 @@ from teachers import load_teacher, parse_teacher_spec  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
-def render_all(urls: list[str], teachers, policy: ViewPolicy) -> dict[str, list[torch.Tensor]]:
-    """Every view of every image, rendered at each teacher's input size (uint8, in memory)."""
+def render_all(urls: list[str], teachers, policy: ViewPolicy, device: torch.device) -> dict[str, list[torch.Tensor]]:
+    """Every view of every image, rendered at each teacher's input size (uint8, in memory on ``device``)."""
     crops: dict[str, list[torch.Tensor]] = {t.spec.teacher_id: [] for t in teachers}
     for url in urls:
         for raw in iter_shard(url):
@@ -60,7 +63,8 @@ def render_all(urls: list[str], teachers, policy: ViewPolicy) -> dict[str, list[
             for t in teachers:
                 pre = t.preprocessing
                 crops[t.spec.teacher_id] += [render_view(image, boxes[v], bool(flips[v]), pre.input_size,
-                                                         pre.interpolation) for v in range(policy.num_views)]
+                                                         pre.interpolation).to(device)
+                                             for v in range(policy.num_views)]
     return crops
 
 
@@ -70,16 +74,18 @@ def run_bound(teachers, crops: dict[str, list[torch.Tensor]]) -> float:
         views, pre, batch = crops[t.spec.teacher_id], t.preprocessing, t.spec.batch_size
         for i in range(0, len(views), batch):
             t(normalize(torch.stack(views[i:i + batch]), pre.mean, pre.std))
+        if t.device.type == "cuda":
+            torch.cuda.synchronize(t.device)
     return time.perf_counter() - start
 
 
-def run_cache(urls: list[str], specs, config: CacheConfig, workdir: str) -> tuple[float, float, int]:
+def run_cache(urls: list[str], specs, config: CacheConfig, device: str, workdir: str) -> tuple[float, float, int]:
     """(end-to-end seconds, seconds the worker spent processing shards, store bytes)."""
     store = os.path.join(workdir, "cache.zarr")
     shutil.rmtree(store, ignore_errors=True)
     start = time.perf_counter()
     summary = run_cache_job(CacheJob(shards=urls, store=store, teachers=specs, config=config, random_init=True,
-                                     num_workers=1), progress=False)
+                                     num_workers=1, device=device), progress=False)
     seconds = time.perf_counter() - start
     if summary.failed:
         raise RuntimeError(f"cache job failed: {summary.failed}")
@@ -117,7 +123,7 @@ def run_naive(urls: list[str], teachers, views: int, k: int, workdir: str) -> fl
             loader = torch.utils.data.DataLoader(_NaiveViews(urls, t.preprocessing, view),
                                                  batch_size=t.spec.batch_size, num_workers=0)
             for keys, images in loader:
-                logits, features = t(images)
+                logits, features = (out.cpu() for out in t(images))
                 values, indices = logits.topk(k, dim=-1)
                 lse = torch.logsumexp(logits, dim=-1)
                 for i, key in enumerate(keys):
@@ -134,8 +140,9 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=6, help="MNIST shards of 250 images to use")
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--topk", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="1 round, 2 shards")
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args()
@@ -153,39 +160,44 @@ def main() -> None:
     make_mnist_sample(os.path.join(workdir, "shards"), samples_per_shard=250, progress=False)
     urls = expand_shard_urls(os.path.join(workdir, "shards", "train.json"))[:args.shards]
     images = sum(1 for url in urls for _ in iter_shard(url))
-    teachers = [load_teacher(spec, "cpu", random_init=True, seed=policy.seed) for spec in specs]
-    crops = render_all(urls, teachers, policy)
+    teachers = [load_teacher(spec, args.device, random_init=True, seed=policy.seed) for spec in specs]
+    crops = render_all(urls, teachers, policy, torch.device(args.device))
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
     times: dict[str, list[float]] = {"bound": [], "cache": [], "cache_steady": [], "naive": []}
     store_bytes = 0
     for round_index in range(args.rounds):
         times["bound"].append(run_bound(teachers, crops))
-        seconds, steady, store_bytes = run_cache(urls, specs, config, workdir)
+        seconds, steady, store_bytes = run_cache(urls, specs, config, args.device, workdir)
         times["cache"].append(seconds)
         times["cache_steady"].append(steady)
         times["naive"].append(run_naive(urls, teachers, args.views, args.topk, workdir))
         print(f"round {round_index}: " + ", ".join(f"{m} {v[-1]:.1f} s" for m, v in times.items()), flush=True)
     ray.shutdown()
 
-    best = {mode: min(v) for mode, v in times.items()}
+    def ratio(reference: str, mode: str) -> float:
+        """The throughput of ``mode`` over that of ``reference``: the median over rounds of their time ratio."""
+        return statistics.median(r / m for r, m in zip(times[reference], times[mode]))
+
     result = {
         "benchmark": "cache-teachers throughput",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
+                    "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
                     "python": sys.version.split()[0], "torch": torch.__version__},
         "teachers": [str(s) for s in specs], "images": images, "views": args.views, "topk": args.topk,
         "rounds": args.rounds, "seconds": times,
-        "images_per_second": {mode: images / s for mode, s in best.items()},
         "median_images_per_second": {mode: images / statistics.median(v) for mode, v in times.items()},
-        "cache_over_bound": best["bound"] / best["cache"],
-        "cache_steady_over_bound": best["bound"] / best["cache_steady"],
-        "cache_over_naive": best["naive"] / best["cache"],
+        "cache_start_up_seconds": [e2e - steady for e2e, steady in zip(times["cache"], times["cache_steady"])],
+        "cache_over_bound": ratio("bound", "cache"),
+        "cache_steady_over_bound": ratio("bound", "cache_steady"),
+        "cache_over_naive": ratio("naive", "cache"),
         "store_bytes": store_bytes,
     }
-    print(json.dumps({k: result[k] for k in ("images_per_second", "cache_over_bound", "cache_steady_over_bound",
-                                             "cache_over_naive")},
+    print(json.dumps({k: result[k] for k in ("median_images_per_second", "cache_start_up_seconds", "cache_over_bound",
+                                             "cache_steady_over_bound", "cache_over_naive")},
                      indent=2))
-    out = args.out or os.path.join(RESULTS, f"cache-cpu{'-quick' if args.quick else ''}.json")
+    out = args.out or os.path.join(RESULTS, f"cache-{args.device.replace('cuda', 'gpu')}"
+                                            f"{'-quick' if args.quick else ''}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
