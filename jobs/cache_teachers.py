@@ -1,8 +1,9 @@
 """The cache job: run every teacher over every shard once, on Ray, and fill the store.
 
-The driver indexes the shards, loads each teacher once to validate it and record
-its fingerprint, creates (or checks) the store, then hands out one shard at a time
-to ``ShardWorker`` actors. A shard whose task fails is retried a bounded number of
+The driver indexes the shards and starts the ``ShardWorker`` actors, which import
+torch and load their teachers while the driver loads each teacher once to validate
+it and record its fingerprint and creates (or checks) the store; then it hands out
+one shard at a time to the workers. A shard whose task fails is retried a bounded number of
 times; a worker that dies is replaced and its shard retried. Completed shards are
 skipped on a rerun, so rerunning the same command resumes an interrupted run.
 The same code runs on an embedded local Ray and on a cluster (``address``).
