@@ -43,11 +43,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from jobs.cache_teachers import CacheJob, run_cache_job  # noqa: E402
-from pipeline.cache_shard import decode_to_tensor  # noqa: E402
-from pipeline.make_shards import make_mnist_sample  # noqa: E402
-from pipeline.shards import expand_shard_urls, iter_shard  # noqa: E402
-from pipeline.store import CacheConfig  # noqa: E402
-from pipeline.views import ViewPolicy, normalize, render_view, sample_views  # noqa: E402
+from pipeline.cache.cache_shard import decode_to_tensor  # noqa: E402
+from pipeline.data.make_shards import make_mnist_sample  # noqa: E402
+from pipeline.data.shards import expand_shard_urls, iter_shard  # noqa: E402
+from pipeline.cache.store import CacheConfig  # noqa: E402
+from pipeline.data.views import ViewPolicy, normalize, render_view, sample_views  # noqa: E402
 from teachers import load_teacher, parse_teacher_spec  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")

@@ -1,6 +1,6 @@
 """Student training throughput: labels only, KD from the cache, and KD from live (online) teachers.
 
-Same student, batch size, data, threads and training loop (``pipeline.trainer.WorkerRun``),
+Same student, batch size, data, threads and training loop (``pipeline.train.trainer.WorkerRun``),
 three ways to get the targets, measured side by side in interleaved rounds:
 
 - labels:  label cross-entropy only (``--no-distill``);
@@ -34,13 +34,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import torch  # noqa: E402
 
 from jobs.train_student import plan_run  # noqa: E402
-from pipeline.cache_shard import ShardCacher  # noqa: E402
-from pipeline.make_shards import make_mnist_sample  # noqa: E402
-from pipeline.shards import index_dataset  # noqa: E402
-from pipeline.store import CacheConfig, CacheStore  # noqa: E402
-from pipeline.train_config import TrainConfig  # noqa: E402
-from pipeline.trainer import WorkerRun  # noqa: E402
-from pipeline.views import ViewPolicy, normalize  # noqa: E402
+from pipeline.cache.cache_shard import ShardCacher  # noqa: E402
+from pipeline.data.make_shards import make_mnist_sample  # noqa: E402
+from pipeline.data.shards import index_dataset  # noqa: E402
+from pipeline.cache.store import CacheConfig, CacheStore  # noqa: E402
+from pipeline.train.train_config import TrainConfig  # noqa: E402
+from pipeline.train.trainer import WorkerRun  # noqa: E402
+from pipeline.data.views import ViewPolicy, normalize  # noqa: E402
 from teachers import load_teacher, parse_teacher_spec  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")

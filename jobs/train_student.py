@@ -1,4 +1,4 @@
-"""The training job: check the inputs on the driver, then run ``pipeline.trainer`` on Ray Train.
+"""The training job: check the inputs on the driver, then run ``pipeline.train.trainer`` on Ray Train.
 
 Everything that can be wrong with the inputs (model name, shards, store, teachers,
 class counts, the run directory) is checked here, before any Ray worker starts,
@@ -21,10 +21,10 @@ import timm
 
 import regla  # noqa: F401  (registers the regla_* models with timm)
 from jobs.ray_env import ray_session
-from pipeline.metrics import read_metrics
-from pipeline.shards import DatasetIndex, index_dataset
-from pipeline.store import CacheStore
-from pipeline.train_config import ConfigError, TrainConfig, check_run_dir, save_run_config
+from pipeline.train.metrics import read_metrics
+from pipeline.data.shards import DatasetIndex, index_dataset
+from pipeline.cache.store import CacheStore
+from pipeline.train.train_config import ConfigError, TrainConfig, check_run_dir, save_run_config
 from teachers import load_teacher, parse_teacher_spec
 
 
@@ -148,7 +148,7 @@ def run_trainings(configs: list[TrainConfig], labels: list[str] | None = None) -
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.trainer import train_worker
+    from pipeline.train.trainer import train_worker
 
     addresses = {config.address for config in configs}
     if len(addresses) > 1:

@@ -25,8 +25,8 @@ def main() -> None:
 @contextlib.contextmanager
 def _clean_errors() -> Iterator[None]:
     """Turn the project's input errors (and OS errors such as a full disk) into one-line CLI errors."""
-    from pipeline.shards import DatasetError, ImageDecodeError
-    from pipeline.store import StoreError
+    from pipeline.data.shards import DatasetError, ImageDecodeError
+    from pipeline.cache.store import StoreError
     from teachers import TeacherSpecError
 
     try:
@@ -116,8 +116,8 @@ def make_shards(ctx: click.Context, folder: str | None, sample: str | None, out:
 
     import warnings
 
-    from pipeline.make_shards import make_mnist_sample, make_shards_from_folder
-    from pipeline.shards import read_manifest
+    from pipeline.data.make_shards import make_mnist_sample, make_shards_from_folder
+    from pipeline.data.shards import read_manifest
 
     # Warnings (skipped files) are shown as plain lines rather than with a source location.
     with warnings.catch_warnings(record=True) as caught:
@@ -153,8 +153,8 @@ def _float_pair(text: str, flag: str) -> tuple[float, float]:
 
 def _cache_config(store_path: str, options: dict):
     """The run's CacheConfig: flags given on the command line, else the existing store's, else defaults."""
-    from pipeline.store import CacheConfig, CacheStore, StoreError
-    from pipeline.views import ViewPolicy
+    from pipeline.cache.store import CacheConfig, CacheStore, StoreError
+    from pipeline.data.views import ViewPolicy
 
     defaults = {"views": 8, "topk": 10, "temperatures": "1", "feature_views": None, "center_view": False,
                 "crop_scale": "0.08,1", "crop_ratio": "0.75,1.3333333", "flip_prob": 0.5, "seed": 0}
@@ -251,7 +251,7 @@ def _absolute(location: str) -> str:
 
 def _train_options(config_file: str | None, flags: dict) -> dict:
     """Options from --config, overridden by every flag given on the command line."""
-    from pipeline.train_config import load_yaml_options
+    from pipeline.train.train_config import load_yaml_options
 
     options = load_yaml_options(config_file) if config_file else {}
     for name, value in flags.items():
@@ -336,7 +336,7 @@ def train_student(config_file: str | None, **flags) -> None:
     and, at the end, model.safetensors + config.json (timm format).
     """
     from jobs.train_student import TrainingFailed, run_training
-    from pipeline.train_config import ConfigError, TrainConfig
+    from pipeline.train.train_config import ConfigError, TrainConfig
 
     with _clean_errors():
         options = _train_options(config_file, flags)
@@ -368,7 +368,7 @@ def quickstart(out: str, teacher_epochs: int | None, student_epochs: int | None,
     """
     from jobs.quickstart import QuickstartConfig, run_quickstart
     from jobs.train_student import TrainingFailed
-    from pipeline.train_config import ConfigError
+    from pipeline.train.train_config import ConfigError
 
     epochs = {"teacher_epochs": teacher_epochs, "student_epochs": student_epochs}
     config = QuickstartConfig(out=out, progress=progress, **{k: v for k, v in epochs.items() if v})
@@ -388,7 +388,7 @@ def quickstart(out: str, teacher_epochs: int | None, student_epochs: int | None,
               help="Also write confidence/entropy histograms and teacher agreement to this PNG.")
 def inspect_store(store_path: str, as_json: bool, plot: str | None) -> None:
     """Show what a teacher cache holds: teachers, k, views, coverage, size, fingerprints."""
-    from pipeline.store_report import format_report, plot_store, store_report
+    from pipeline.cache.store_report import format_report, plot_store, store_report
 
     with _clean_errors():
         report = store_report(store_path)
@@ -413,8 +413,8 @@ def inspect_store(store_path: str, as_json: bool, plot: str | None) -> None:
 @click.option("--device", default="cpu", show_default=True, help="Device to run the teachers on.")
 def verify(store_path: str, num_samples: int, seed: int, shards: tuple[str, ...], device: str) -> None:
     """Recompute random cached entries with live teachers; exit 1 on a mismatch beyond fp16 tolerance."""
-    from pipeline.shards import expand_shard_urls
-    from pipeline.verify import verify_store
+    from pipeline.data.shards import expand_shard_urls
+    from pipeline.cache.verify import verify_store
 
     with _clean_errors():
         urls = expand_shard_urls(list(shards)) if shards else None

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from jobs.cache_teachers import CacheJob, ShardWorker, _teachers_with_work, run_cache_job
-from pipeline.shards import DatasetError
-from pipeline.store import CacheConfig, CacheStore, StoreError
-from pipeline.verify import verify_store
-from pipeline.views import ViewPolicy
+from pipeline.data.shards import DatasetError
+from pipeline.cache.store import CacheConfig, CacheStore, StoreError
+from pipeline.cache.verify import verify_store
+from pipeline.data.views import ViewPolicy
 from teachers import TeacherSpecError, parse_teacher_spec
 
 TEACHERS = ["test_resnet,img_size=32,batch_size=8", "test_vit,img_size=32,batch_size=8,features=false"]
@@ -179,7 +179,7 @@ def test_shard_whose_keys_differ_from_its_manifest_fails(shards, tmp_path, ray_l
     """A shard rewritten after its manifest (same count, other keys) is refused, not cached misaligned."""
     import shutil
 
-    from pipeline.shards import index_dataset, write_manifest
+    from pipeline.data.shards import index_dataset, write_manifest
 
     data = tmp_path / "data"
     shutil.copytree(shards, data)

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.views import ViewPolicy, sample_views
+from pipeline.data.views import ViewPolicy, sample_views
 
 TEACHERS = ["test_resnet,img_size=32,batch_size=16", "test_convnext,img_size=32,batch_size=16"]
 TIDS = ["test_resnet", "test_convnext"]

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.make_shards import make_mnist_sample, make_shards_from_folder
-from pipeline.shards import DatasetError, decode_image, index_dataset, iter_shard, read_manifest
+from pipeline.data.make_shards import make_mnist_sample, make_shards_from_folder
+from pipeline.data.shards import DatasetError, decode_image, index_dataset, iter_shard, read_manifest
 
 
 def encode(pixels, fmt):

@@ -1,4 +1,4 @@
-"""Shard lists, manifests, the dataset index, tar reading and image decoding (pipeline.shards)."""
+"""Shard lists, manifests, the dataset index, tar reading and image decoding (pipeline.data.shards)."""
 import hashlib
 import io
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.shards import (
+from pipeline.data.shards import (
     MANIFEST_FORMAT, DatasetError, ImageDecodeError, ShardInfo, decode_image,
     expand_shard_urls, index_dataset, iter_shard, open_url, read_manifest, write_manifest,
 )

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.shards import DatasetIndex, ShardInfo
-from pipeline.store import CacheConfig, CacheStore, ShardSamples, StoreError, TeacherOutputs
-from pipeline.views import ViewPolicy
+from pipeline.data.shards import DatasetIndex, ShardInfo
+from pipeline.cache.store import CacheConfig, CacheStore, ShardSamples, StoreError, TeacherOutputs
+from pipeline.data.views import ViewPolicy
 
 V, K, D = 3, 4, 8
 

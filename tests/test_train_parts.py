@@ -8,11 +8,11 @@ import torch
 from click.testing import CliRunner
 
 import regla  # noqa: F401
-from pipeline.checkpoint import KEEP, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import KEEP, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from pipeline.cli import _train_options, main
-from pipeline.export import export_student
-from pipeline.metrics import MetricsLog, plot_curves, read_metrics
-from pipeline.train_config import ConfigError, TrainConfig, check_run_dir, save_run_config
+from pipeline.train.export import export_student
+from pipeline.train.metrics import MetricsLog, plot_curves, read_metrics
+from pipeline.train.train_config import ConfigError, TrainConfig, check_run_dir, save_run_config
 from teachers import load_teacher, parse_teacher_spec
 
 

@@ -8,15 +8,15 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from jobs.train_student import TrainingFailed, plan_run, run_trainings
-from pipeline.cache_shard import ShardCacher
+from pipeline.cache.cache_shard import ShardCacher
 from pipeline.cli import main
-from pipeline.make_shards import make_mnist_sample
-from pipeline.metrics import read_metrics
-from pipeline.shards import index_dataset
-from pipeline.store import CacheConfig, CacheStore
-from pipeline.train_config import ConfigError, TrainConfig, save_run_config
-from pipeline.trainer import train_worker
-from pipeline.views import ViewPolicy
+from pipeline.data.make_shards import make_mnist_sample
+from pipeline.train.metrics import read_metrics
+from pipeline.data.shards import index_dataset
+from pipeline.cache.store import CacheConfig, CacheStore
+from pipeline.train.train_config import ConfigError, TrainConfig, save_run_config
+from pipeline.train.trainer import train_worker
+from pipeline.data.views import ViewPolicy
 from teachers import load_teacher, parse_teacher_spec
 
 SEED = 3

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.views import ViewPolicy, box_to_pixels, render_view, sample_views
+from pipeline.data.views import ViewPolicy, box_to_pixels, render_view, sample_views
 
 
 def _views_for(keys, policy_dict, size):

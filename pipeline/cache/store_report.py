@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.store import CacheStore
+from pipeline.cache.store import CacheStore
 
 
 def teacher_probabilities(topk_logits: np.ndarray, logsumexp_t1: np.ndarray, num_classes: int

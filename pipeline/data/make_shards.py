@@ -23,7 +23,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.shards import DatasetError, ImageDecodeError, ShardInfo, decode_image, hash_keys, write_manifest
+from pipeline.data.shards import DatasetError, ImageDecodeError, ShardInfo, decode_image, hash_keys, write_manifest
 
 FOLDER_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 JPEG_QUALITY = 95

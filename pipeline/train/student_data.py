@@ -40,10 +40,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.shards import DatasetError, DatasetIndex, ImageDecodeError, RawSample, decode_image, hash_keys, \
+from pipeline.data.shards import DatasetError, DatasetIndex, ImageDecodeError, RawSample, decode_image, hash_keys, \
     iter_shard
-from pipeline.store import MAX_LISTED, CacheStore, ShardSamples, TeacherOutputs, listed
-from pipeline.views import ViewPolicy, _center_crop, _random_resized_crop, _view_rng, render_view
+from pipeline.cache.store import MAX_LISTED, CacheStore, ShardSamples, TeacherOutputs, listed
+from pipeline.data.views import ViewPolicy, _center_crop, _random_resized_crop, _view_rng, render_view
 
 __all__ = ["CachedTeacherBatch", "StreamConfig", "StreamStats", "StudentBatch", "StudentInput", "StudentStream"]
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.cache_shard import decode_to_tensor
-from pipeline.shards import DatasetError, iter_shard
-from pipeline.store import CacheStore
-from pipeline.views import normalize, render_view
+from pipeline.cache.cache_shard import decode_to_tensor
+from pipeline.data.shards import DatasetError, iter_shard
+from pipeline.cache.store import CacheStore
+from pipeline.data.views import normalize, render_view
 from teachers import TeacherSpec, load_teacher
 
 # (relative/absolute tolerance on logits and log-sum-exp, minimum feature cosine) per teacher dtype

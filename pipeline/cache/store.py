@@ -26,8 +26,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from pipeline.shards import DatasetIndex
-from pipeline.views import ViewPolicy
+from pipeline.data.shards import DatasetIndex
+from pipeline.data.views import ViewPolicy
 
 FORMAT = "regla-distill-teacher-cache"
 FORMAT_VERSION = 1
