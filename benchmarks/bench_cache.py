@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from jobs.cache_teachers import CacheJob, run_cache_job  # noqa: E402
-from pipeline.cache.cache_shard import decode_to_tensor  # noqa: E402
+from pipeline.cache.shard_cacher import decode_to_tensor  # noqa: E402
 from pipeline.data.make_shards import make_mnist_sample  # noqa: E402
 from pipeline.data.shards import expand_shard_urls, iter_shard  # noqa: E402
 from pipeline.cache.store import CacheConfig  # noqa: E402

@@ -32,7 +32,7 @@ from numcodecs import Blosc  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from jobs.cache_teachers import CacheJob, run_cache_job  # noqa: E402
-from pipeline.cache.cache_shard import decode_to_tensor  # noqa: E402
+from pipeline.cache.shard_cacher import decode_to_tensor  # noqa: E402
 from pipeline.data.make_shards import make_mnist_sample  # noqa: E402
 from pipeline.data.shards import expand_shard_urls, iter_shard  # noqa: E402
 from pipeline.cache.store import CacheConfig, CacheStore  # noqa: E402

@@ -34,7 +34,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import torch  # noqa: E402
 
 from jobs.train_student import plan_run  # noqa: E402
-from pipeline.cache.cache_shard import ShardCacher  # noqa: E402
+from pipeline.cache.shard_cacher import ShardCacher  # noqa: E402
 from pipeline.data.make_shards import make_mnist_sample  # noqa: E402
 from pipeline.data.shards import index_dataset  # noqa: E402
 from pipeline.cache.store import CacheConfig, CacheStore  # noqa: E402

@@ -388,7 +388,7 @@ def quickstart(out: str, teacher_epochs: int | None, student_epochs: int | None,
               help="Also write confidence/entropy histograms and teacher agreement to this PNG.")
 def inspect_store(store_path: str, as_json: bool, plot: str | None) -> None:
     """Show what a teacher cache holds: teachers, k, views, coverage, size, fingerprints."""
-    from pipeline.cache.store_report import format_report, plot_store, store_report
+    from pipeline.cache.report import format_report, plot_store, store_report
 
     with _clean_errors():
         report = store_report(store_path)

@@ -10,7 +10,7 @@ import timm
 import torch
 import zarr
 
-from pipeline.cache.cache_shard import ShardCacher
+from pipeline.cache.shard_cacher import ShardCacher
 from pipeline.data.make_shards import make_mnist_sample
 from pipeline.data.shards import DatasetError, DatasetIndex, decode_image, index_dataset, iter_shard
 from pipeline.cache.store import CacheConfig, CacheStore, StoreError

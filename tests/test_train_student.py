@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from jobs.train_student import TrainingFailed, plan_run, run_trainings
-from pipeline.cache.cache_shard import ShardCacher
+from pipeline.cache.shard_cacher import ShardCacher
 from pipeline.cli import main
 from pipeline.data.make_shards import make_mnist_sample
 from pipeline.train.metrics import read_metrics

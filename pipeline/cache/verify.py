@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.cache.cache_shard import decode_to_tensor
+from pipeline.cache.shard_cacher import decode_to_tensor
 from pipeline.data.shards import DatasetError, iter_shard
 from pipeline.cache.store import CacheStore
 from pipeline.data.views import normalize, render_view

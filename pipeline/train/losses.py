@@ -1,6 +1,6 @@
 """Distillation losses: label CE, logit KD from cached top-k targets, feature KD, teacher dropping, mixing.
 
-Cached logit targets (see ``pipeline/cache/cache_shard.py``) hold, per sample and view, the
+Cached logit targets (see ``pipeline/cache/shard_cacher.py``) hold, per sample and view, the
 raw top-k logits, their class indices and ``logsumexp(logits / T)`` over *all* classes
 for each cached temperature T. That gives each top-k class its exact probability
 ``exp(logit / T - lse_T)`` and the exact leftover mass of the other C - k classes,
