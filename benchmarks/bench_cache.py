@@ -44,9 +44,9 @@ import torch  # noqa: E402
 
 from jobs.cache_teachers import CacheJob, run_cache_job  # noqa: E402
 from pipeline.cache.shard_cacher import decode_to_tensor  # noqa: E402
+from pipeline.cache.store import CacheConfig  # noqa: E402
 from pipeline.data.make_shards import make_mnist_sample  # noqa: E402
 from pipeline.data.shards import expand_shard_urls, iter_shard  # noqa: E402
-from pipeline.cache.store import CacheConfig  # noqa: E402
 from pipeline.data.views import ViewPolicy, normalize, render_view, sample_views  # noqa: E402
 from teachers import load_teacher, parse_teacher_spec  # noqa: E402
 

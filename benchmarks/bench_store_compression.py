@@ -33,9 +33,9 @@ from safetensors.torch import save_file  # noqa: E402
 
 from jobs.cache_teachers import CacheJob, run_cache_job  # noqa: E402
 from pipeline.cache.shard_cacher import decode_to_tensor  # noqa: E402
+from pipeline.cache.store import CacheConfig, CacheStore  # noqa: E402
 from pipeline.data.make_shards import make_mnist_sample  # noqa: E402
 from pipeline.data.shards import expand_shard_urls, iter_shard  # noqa: E402
-from pipeline.cache.store import CacheConfig, CacheStore  # noqa: E402
 from pipeline.data.views import ViewPolicy, normalize, render_view, sample_views  # noqa: E402
 from teachers import parse_teacher_spec  # noqa: E402
 

@@ -35,12 +35,12 @@ import torch  # noqa: E402
 
 from jobs.train_student import plan_run  # noqa: E402
 from pipeline.cache.shard_cacher import ShardCacher  # noqa: E402
+from pipeline.cache.store import CacheConfig, CacheStore  # noqa: E402
 from pipeline.data.make_shards import make_mnist_sample  # noqa: E402
 from pipeline.data.shards import index_dataset  # noqa: E402
-from pipeline.cache.store import CacheConfig, CacheStore  # noqa: E402
+from pipeline.data.views import ViewPolicy, normalize  # noqa: E402
 from pipeline.train.train_config import TrainConfig  # noqa: E402
 from pipeline.train.trainer import WorkerRun  # noqa: E402
-from pipeline.data.views import ViewPolicy, normalize  # noqa: E402
 from teachers import load_teacher, parse_teacher_spec  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")

@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipeline.cache.shard_cacher import ShardCacher, ShardResult
-from pipeline.data.shards import DatasetIndex, index_dataset
-from pipeline.cache.store import CacheConfig, CacheStore, StoreError
 from pipeline.cache.report import store_report
+from pipeline.cache.shard_cacher import ShardCacher, ShardResult
+from pipeline.cache.store import CacheConfig, CacheStore, StoreError
+from pipeline.data.shards import DatasetIndex, index_dataset
 from teachers import Teacher, TeacherSpec, TeacherSpecError, load_teacher
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from jobs.cache_teachers import CacheJob, run_cache_job
 from jobs.ray_env import ray_session
 from jobs.train_student import TrainSummary, run_trainings
-from pipeline.data.make_shards import make_mnist_sample
 from pipeline.cache.store import CacheConfig
-from pipeline.train.train_config import ConfigError, TrainConfig
+from pipeline.data.make_shards import make_mnist_sample
 from pipeline.data.views import ViewPolicy
+from pipeline.train.train_config import ConfigError, TrainConfig
 from teachers import parse_teacher_spec
 
 

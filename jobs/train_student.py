@@ -21,9 +21,9 @@ import timm
 
 import regla  # noqa: F401  (registers the regla_* models with timm)
 from jobs.ray_env import ray_session
-from pipeline.train.metrics import read_metrics
-from pipeline.data.shards import DatasetIndex, index_dataset
 from pipeline.cache.store import CacheStore
+from pipeline.data.shards import DatasetIndex, index_dataset
+from pipeline.train.metrics import read_metrics
 from pipeline.train.train_config import ConfigError, TrainConfig, check_run_dir, save_run_config
 from teachers import load_teacher, parse_teacher_spec
 

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from jobs.cache_teachers import CacheJob, ShardWorker, _teachers_with_work, run_cache_job
-from pipeline.data.shards import DatasetError
 from pipeline.cache.store import CacheConfig, CacheStore, StoreError
 from pipeline.cache.verify import verify_store
+from pipeline.data.shards import DatasetError
 from pipeline.data.views import ViewPolicy
 from teachers import TeacherSpecError, parse_teacher_spec
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.data.shards import DatasetIndex, ShardInfo
 from pipeline.cache.store import CacheConfig, CacheStore, ShardSamples, StoreError, TeacherOutputs
+from pipeline.data.shards import DatasetIndex, ShardInfo
 from pipeline.data.views import ViewPolicy
 
 V, K, D = 3, 4, 8

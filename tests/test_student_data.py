@@ -11,12 +11,11 @@ import torch
 import zarr
 
 from pipeline.cache.shard_cacher import ShardCacher
+from pipeline.cache.store import CacheConfig, CacheStore, StoreError
 from pipeline.data.make_shards import make_mnist_sample
 from pipeline.data.shards import DatasetError, DatasetIndex, decode_image, index_dataset, iter_shard
-from pipeline.cache.store import CacheConfig, CacheStore, StoreError
-from pipeline.train.student_data import (CachedTeacherBatch, StreamConfig, StudentBatch, StudentInput, StudentStream,
-                                   policy_view)
-from pipeline.data.views import ViewPolicy, normalize, render_view, sample_views
+from pipeline.data.views import ViewPolicy, normalize, policy_view, render_view, sample_views
+from pipeline.train.student_data import CachedTeacherBatch, StreamConfig, StudentBatch, StudentInput, StudentStream
 from teachers import load_teacher, parse_teacher_spec
 
 V, FEATURE_VIEWS, TOPK = 4, 2, 5

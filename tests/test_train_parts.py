@@ -8,8 +8,8 @@ import torch
 from click.testing import CliRunner
 
 import regla  # noqa: F401
-from pipeline.train.checkpoint import KEEP, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from pipeline.cli import _train_options, main
+from pipeline.train.checkpoint import KEEP, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from pipeline.train.export import export_student
 from pipeline.train.metrics import MetricsLog, plot_curves, read_metrics
 from pipeline.train.train_config import ConfigError, TrainConfig, check_run_dir, save_run_config

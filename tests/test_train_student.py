@@ -9,14 +9,14 @@ from safetensors.torch import load_file
 
 from jobs.train_student import TrainingFailed, plan_run, run_trainings
 from pipeline.cache.shard_cacher import ShardCacher
+from pipeline.cache.store import CacheConfig, CacheStore
 from pipeline.cli import main
 from pipeline.data.make_shards import make_mnist_sample
-from pipeline.train.metrics import read_metrics
 from pipeline.data.shards import index_dataset
-from pipeline.cache.store import CacheConfig, CacheStore
+from pipeline.data.views import ViewPolicy
+from pipeline.train.metrics import read_metrics
 from pipeline.train.train_config import ConfigError, TrainConfig, save_run_config
 from pipeline.train.trainer import train_worker
-from pipeline.data.views import ViewPolicy
 from teachers import load_teacher, parse_teacher_spec
 
 SEED = 3

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from pipeline.cache.shard_cacher import decode_to_tensor
-from pipeline.data.shards import DatasetError, iter_shard
 from pipeline.cache.store import CacheStore
+from pipeline.data.shards import DatasetError, iter_shard
 from pipeline.data.views import normalize, render_view
 from teachers import TeacherSpec, load_teacher
 

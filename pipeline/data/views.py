@@ -88,19 +88,31 @@ def _center_crop(width: int, height: int, fraction: float) -> tuple[int, int, in
     return (height - side) // 2, (width - side) // 2, side, side
 
 
+def _box(top: int, left: int, h: int, w: int, width: int, height: int) -> np.ndarray:
+    return np.array([left / width, top / height, (left + w) / width, (top + h) / height], np.float32)
+
+
+def policy_view(policy: ViewPolicy, key: str, view: int, width: int, height: int) -> tuple[np.ndarray, bool]:
+    """View ``view`` of a sample: its box float32 [4] and flip, drawn without drawing the views before it."""
+    if view == 0 and policy.center_view:
+        return _box(*_center_crop(width, height, policy.center_crop_fraction), width, height), False
+    rng = _view_rng(policy.seed, key, view)
+    top, left, h, w = _random_resized_crop(rng, width, height, policy.scale, policy.ratio)
+    return _box(top, left, h, w, width, height), bool(rng.random() < policy.flip_prob)
+
+
 def sample_views(policy: ViewPolicy, key: str, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     """Return the views of one sample: boxes float32 [V, 4] and flips bool [V]."""
-    boxes = np.zeros((policy.num_views, 4), dtype=np.float32)
-    flips = np.zeros(policy.num_views, dtype=bool)
-    for view in range(policy.num_views):
-        if view == 0 and policy.center_view:
-            top, left, h, w = _center_crop(width, height, policy.center_crop_fraction)
-        else:
-            rng = _view_rng(policy.seed, key, view)
-            top, left, h, w = _random_resized_crop(rng, width, height, policy.scale, policy.ratio)
-            flips[view] = rng.random() < policy.flip_prob
-        boxes[view] = (left / width, top / height, (left + w) / width, (top + h) / height)
-    return boxes, flips
+    views = [policy_view(policy, key, view, width, height) for view in range(policy.num_views)]
+    return np.stack([box for box, _ in views]), np.array([flip for _, flip in views], dtype=bool)
+
+
+def center_box(width: int, height: int, size: tuple[int, int], crop_pct: float) -> np.ndarray:
+    """timm's eval crop as a box: the centred region of ``size``'s aspect, crop_pct of the shorter fit."""
+    scale = crop_pct * min(width / size[1], height / size[0])
+    w = min(width, max(1, round(size[1] * scale)))
+    h = min(height, max(1, round(size[0] * scale)))
+    return _box((height - h) // 2, (width - w) // 2, h, w, width, height)
 
 
 def box_to_pixels(box: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:

@@ -40,10 +40,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pipeline.cache.store import MAX_LISTED, CacheStore, ShardSamples, TeacherOutputs, listed
 from pipeline.data.shards import DatasetError, DatasetIndex, ImageDecodeError, RawSample, decode_image, hash_keys, \
     iter_shard
-from pipeline.cache.store import MAX_LISTED, CacheStore, ShardSamples, TeacherOutputs, listed
-from pipeline.data.views import ViewPolicy, _center_crop, _random_resized_crop, _view_rng, render_view
+from pipeline.data.views import ViewPolicy, center_box, policy_view, render_view
 
 __all__ = ["CachedTeacherBatch", "StreamConfig", "StreamStats", "StudentBatch", "StudentInput", "StudentStream"]
 
@@ -200,27 +200,6 @@ def _rng(*parts: object) -> np.random.Generator:
     """A Philox generator keyed by ``parts``: the same draws in any process, in any order."""
     digest = hashlib.sha256("\x00".join(str(p) for p in parts).encode()).digest()
     return np.random.Generator(np.random.Philox(key=int.from_bytes(digest[:16], "little")))
-
-
-def _box(top: int, left: int, h: int, w: int, width: int, height: int) -> np.ndarray:
-    return np.array([left / width, top / height, (left + w) / width, (top + h) / height], np.float32)
-
-
-def policy_view(policy: ViewPolicy, key: str, view: int, width: int, height: int) -> tuple[np.ndarray, bool]:
-    """View ``view`` of ``sample_views(policy, key, ...)``, for any id, without drawing the ones before it."""
-    if view == 0 and policy.center_view:
-        return _box(*_center_crop(width, height, policy.center_crop_fraction), width, height), False
-    rng = _view_rng(policy.seed, key, view)
-    top, left, h, w = _random_resized_crop(rng, width, height, policy.scale, policy.ratio)
-    return _box(top, left, h, w, width, height), bool(rng.random() < policy.flip_prob)
-
-
-def center_box(width: int, height: int, size: tuple[int, int], crop_pct: float) -> np.ndarray:
-    """timm's eval crop as a box: the centred region of ``size``'s aspect, crop_pct of the shorter fit."""
-    scale = crop_pct * min(width / size[1], height / size[0])
-    w = min(width, max(1, round(size[1] * scale)))
-    h = min(height, max(1, round(size[0] * scale)))
-    return _box((height - h) // 2, (width - w) // 2, h, w, width, height)
 
 
 def _decode(raw: RawSample) -> torch.Tensor:

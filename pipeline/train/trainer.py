@@ -25,13 +25,13 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 import regla  # noqa: F401  (registers the regla_* models with timm)
+from pipeline.data.views import normalize
 from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from pipeline.train.export import export_student
 from pipeline.train.losses import DistillLoss, DistillLossConfig, MixConfig, TeacherLossWeights, TeacherTargets, mix_batch
 from pipeline.train.metrics import MetricsLog, plot_curves
 from pipeline.train.student_data import StreamConfig, StudentBatch, StudentInput, StudentStream
 from pipeline.train.train_config import TrainConfig
-from pipeline.data.views import normalize
 from teachers import Teacher, load_teacher, parse_teacher_spec
 
 
