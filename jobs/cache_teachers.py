@@ -38,6 +38,7 @@ class CacheJob:
     address: str | None = None
     max_retries: int = 2
     device: str = "auto"  # "auto" (GPU when the cluster has one), "cpu" or "cuda"
+    decode_workers: int | None = None  # decode threads per worker; default from the CPUs per worker
     # Testing hook: {shard: (kind, attempts)} makes the first `attempts` tries of that shard
     # fail, by raising ("raise") or by killing the worker process ("exit").
     faults: dict[int, tuple[str, int]] = field(default_factory=dict)
@@ -105,12 +106,12 @@ class ShardWorker:
     """A Ray actor: loads its teachers as it starts, then caches one shard per call."""
 
     def __init__(self, store_path: str, specs: list[dict], random_init: bool, seed: int, device: str,
-                 threads: int, faults: dict[int, tuple[str, int]]):
+                 threads: int, decode_workers: int, faults: dict[int, tuple[str, int]]):
         import torch
 
         torch.set_num_threads(threads)
         self.store_path = store_path
-        self.device, self.faults = device, faults
+        self.device, self.decode_workers, self.faults = device, decode_workers, faults
         self._store: CacheStore | None = None
         # Loaded now, while the driver is still preparing the store. A teacher that fails to load
         # here fails each shard that needs it, with its own error.
@@ -150,14 +151,16 @@ class ShardWorker:
                 os._exit(1)
             raise RuntimeError(f"injected fault on shard {shard}, attempt {attempt}")
         teachers = {tid: self._teacher(tid) for tid in teacher_ids}
-        return ShardCacher(self.store, teachers, self.device).process(shard, url, teacher_ids, keys_sha256)
+        cacher = ShardCacher(self.store, teachers, self.device, self.decode_workers)
+        return cacher.process(shard, url, teacher_ids, keys_sha256)
 
 
 @dataclass
 class _WorkerPlan:
     count: int
     device: str
-    threads: int
+    threads: int  # torch threads for the teachers' forward
+    decode_workers: int  # decode threads beside the forward
     num_cpus: float
     num_gpus: float
 
@@ -170,13 +173,20 @@ def _plan_workers(job: CacheJob) -> _WorkerPlan:
     node_cpus = min(int(n["Resources"].get("CPU", 1)) for n in nodes) if nodes else (os.cpu_count() or 1)
     if job.device == "cuda" or (job.device == "auto" and gpus > 0):
         count = job.num_workers or max(gpus, 1)
-        return _WorkerPlan(count, "cuda", threads=max(1, node_cpus // max(1, gpus)), num_cpus=1, num_gpus=1)
+        cpus = max(1, node_cpus // max(1, gpus))
+        # A GPU worker's CPUs decode (nvjpeg does the JPEGs; the rest and fallbacks use the threads).
+        return _WorkerPlan(count, "cuda", threads=cpus, decode_workers=job.decode_workers or max(1, cpus - 1),
+                           num_cpus=1, num_gpus=1)
     total_cpus = int(ray.cluster_resources().get("CPU", node_cpus))
     count = job.num_workers or max(1, total_cpus // 8)
     per_node = math.ceil(count / max(1, len(nodes)))
+    threads = max(1, node_cpus // per_node)
     # A small fixed CPU reservation: workers always get scheduled, even on 2 cores, and the
-    # real parallelism is set by the torch threads each worker uses.
-    return _WorkerPlan(count, "cpu", threads=max(1, node_cpus // per_node), num_cpus=0.5, num_gpus=0)
+    # real parallelism is set by the threads each worker uses. On a CPU the forward and the
+    # decoding share the cores; the forward's threads idle while a batch fills, so decoding
+    # gets as many threads as the forward.
+    return _WorkerPlan(count, "cpu", threads=threads, decode_workers=job.decode_workers or threads,
+                       num_cpus=0.5, num_gpus=0)
 
 
 def _start_workers(job: CacheJob, specs: list[TeacherSpec], count: int) -> tuple[list, Callable[[], object]]:
@@ -191,7 +201,7 @@ def _start_workers(job: CacheJob, specs: list[TeacherSpec], count: int) -> tuple
 
     def new_worker():
         return remote_worker.remote(job.store, spec_dicts, job.random_init, job.config.views.seed, plan.device,
-                                    plan.threads, job.faults)
+                                    plan.threads, plan.decode_workers, job.faults)
 
     return [new_worker() for _ in range(min(plan.count, count))], new_worker
 

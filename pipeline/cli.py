@@ -210,6 +210,9 @@ def _cache_config(store_path: str, options: dict):
               help="Ray workers.  [default: one per GPU, else one per 8 CPUs]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where teachers run; auto uses GPUs when the Ray cluster has them.")
+@click.option("--decode-workers", type=click.IntRange(min=1),
+              help="Threads per worker that decode images and render views while the teachers run.  "
+                   "[default: the worker's CPUs (minus one on a GPU worker)]")
 @click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Retries of a failed shard before it is reported as failed.")
 @click.option("--address", metavar="ADDR",
@@ -217,7 +220,8 @@ def _cache_config(store_path: str, options: dict):
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def cache_teachers(shards: tuple[str, ...], store_path: str, teacher_specs: tuple[str, ...],
                    teachers_file: str | None, random_init: bool, num_workers: int | None, device: str,
-                   max_retries: int, address: str | None, progress: bool, **view_options) -> None:
+                   decode_workers: int | None, max_retries: int, address: str | None, progress: bool,
+                   **view_options) -> None:
     """Run teachers once over the shards and cache their per-view outputs in a Zarr store.
 
     Each sample gets V augmented views (crop box + flip, deterministic from the seed
@@ -237,7 +241,8 @@ def cache_teachers(shards: tuple[str, ...], store_path: str, teacher_specs: tupl
         specs = [dataclasses.replace(s, weights=os.path.abspath(s.weights)) if s.weights else s for s in specs]
         job = CacheJob(shards=list(shards), store=store_path, teachers=specs,
                        config=_cache_config(store_path, view_options), random_init=random_init,
-                       num_workers=num_workers, address=address, max_retries=max_retries, device=device)
+                       num_workers=num_workers, address=address, max_retries=max_retries, device=device,
+                       decode_workers=decode_workers)
         summary = run_cache_job(job, progress=progress)
     for line in summary.lines():
         click.echo(line)

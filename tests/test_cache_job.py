@@ -124,6 +124,14 @@ def test_dead_worker_is_replaced(reference, shards, tmp_path):
     _assert_identical(_arrays(path), _arrays(reference[0]))
 
 
+@pytest.mark.parametrize("decode_workers", [1, 3])
+def test_store_is_the_same_whatever_the_number_of_decode_threads(reference, shards, tmp_path, decode_workers):
+    path = tmp_path / "cache.zarr"
+    summary = run_cache_job(_job(shards, path, decode_workers=decode_workers), progress=False)
+    assert summary.failed == {} and summary.invalid == 2
+    _assert_identical(_arrays(path), _arrays(reference[0]))
+
+
 def test_adding_a_teacher_computes_only_that_teacher(reference, shards, tmp_path):
     path = tmp_path / "cache.zarr"
     run_cache_job(_job(shards, path, teachers=TEACHERS[:1]), progress=False)
@@ -147,7 +155,7 @@ def test_workers_get_only_the_teachers_with_work_left(reference, shards, tmp_pat
 def test_teacher_that_fails_to_load_on_a_worker_fails_its_shards_with_its_error(reference, shards, tmp_path):
     missing = parse_teacher_spec(f"test_resnet@{tmp_path}/gone.safetensors,img_size=32")
     worker = ShardWorker(str(reference[0]), [missing.to_dict()], random_init=False, seed=0, device="cpu",
-                         threads=torch.get_num_threads(), faults={})
+                         threads=torch.get_num_threads(), decode_workers=1, faults={})
     assert worker.teachers == {}
     with pytest.raises(TeacherSpecError, match="'test_resnet' failed to load on this worker.*gone.safetensors"):
         worker.process(0, f"{shards}/train-000000.tar", "", ["test_resnet"], attempt=0)

@@ -7,15 +7,20 @@ chunks) of the shard it processes, so any number of cachers can run at once.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from pipeline.cache.store import CacheConfig, CacheStore, ShardSamples, TeacherOutputs, index_dtype
-from pipeline.data.shards import DatasetError, ImageDecodeError, RawSample, decode_image, hash_keys, iter_shard
-from pipeline.data.views import normalize, render_view, sample_views
+from pipeline.data.images import decode_jpegs_on_device, decode_sample
+from pipeline.data.shards import DatasetError, ImageDecodeError, RawSample, hash_keys, iter_shard
+from pipeline.data.views import normalize, render_view, sample_views, stack_views
 from teachers import Teacher
 
 
@@ -60,7 +65,7 @@ class TeacherBatcher:
         if not self._crops:
             return
         pre = self.teacher.preprocessing
-        batch = normalize(torch.stack(self._crops), pre.mean, pre.std)
+        batch = normalize(stack_views(self._crops), pre.mean, pre.std)
         logits, features = self.teacher(batch)
         logits, features = logits.float().cpu(), features.float().cpu()
         values, indices = logits.topk(self.config.topk, dim=-1)
@@ -79,19 +84,8 @@ class TeacherBatcher:
 
 
 def decode_to_tensor(raw: RawSample, device: torch.device) -> torch.Tensor:
-    """uint8 [3, H, W] on ``device``; JPEGs decode on the GPU itself when the device is CUDA."""
-    if raw.image_bytes is None:
-        raise ImageDecodeError("no image member (jpg/jpeg/png/webp)")
-    if device.type == "cuda" and raw.image_ext in ("jpg", "jpeg"):
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        try:
-            data = torch.frombuffer(bytearray(raw.image_bytes), dtype=torch.uint8)
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:
-            pass  # CMYK and some progressive JPEGs: the CPU decoder handles them
-    array = decode_image(raw.image_bytes)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).to(device)
+    """uint8 [3, H, W] on ``device``, decoded on the CPU (the reference path)."""
+    return decode_sample(raw).to(device)
 
 
 def _empty_samples(rows: int, views: int) -> ShardSamples:
@@ -100,14 +94,39 @@ def _empty_samples(rows: int, views: int) -> ShardSamples:
                         flips=np.zeros((rows, views), bool))
 
 
-class ShardCacher:
-    """Runs a set of loaded teachers over whole shards and writes their rows to a store."""
+RenderKey = tuple[tuple[int, int], str]  # (input size, interpolation) shared by some teachers
 
-    def __init__(self, store: CacheStore, teachers: dict[str, Teacher], device: torch.device | str = "cpu"):
+
+@dataclass
+class PreparedSample:
+    """One sample, decoded and rendered, ready for the teachers (made in a decode thread)."""
+
+    position: int
+    raw: RawSample
+    reason: str | None = None  # why the sample is unusable; None when it is usable
+    boxes: np.ndarray | None = None  # [V, 4], drawn here for a shard whose views are not stored yet
+    flips: np.ndarray | None = None  # [V]
+    crops: dict[RenderKey, list[torch.Tensor]] = field(default_factory=dict)  # per render key, one per view
+
+
+class ShardCacher:
+    """Runs a set of loaded teachers over whole shards and writes their rows to a store.
+
+    Decoding and rendering run on ``decode_workers`` threads (torchvision's JPEG decoder and
+    uint8 resize release the GIL) while the calling thread runs the teachers, so a worker runs
+    at about min(forward rate, decode_workers x decode rate). On CUDA, JPEGs are batch-decoded
+    with nvjpeg and rendered on the device instead.
+    """
+
+    def __init__(self, store: CacheStore, teachers: dict[str, Teacher], device: torch.device | str = "cpu",
+                 decode_workers: int = 1):
+        if decode_workers < 1:
+            raise ValueError(f"decode_workers must be >= 1, got {decode_workers}")
         self.store = store
         self.teachers = teachers
         self.device = torch.device(device)
         self.config = store.config
+        self.decode_workers = decode_workers
 
     def process(self, shard: int, url: str, teacher_ids: list[str], keys_sha256: str | None = None
                 ) -> ShardResult:
@@ -119,36 +138,21 @@ class ShardCacher:
         samples = self.store.read_samples(shard) if have_samples else _empty_samples(rows, views)
         batchers = {tid: TeacherBatcher(self.teachers[tid], self.config, rows) for tid in teacher_ids}
         # Teachers with the same input size and interpolation share each rendered crop.
-        render_groups: dict[tuple, list[TeacherBatcher]] = {}
+        render_groups: dict[RenderKey, list[TeacherBatcher]] = {}
         for batcher in batchers.values():
             pre = batcher.teacher.preprocessing
             render_groups.setdefault((tuple(pre.input_size), pre.interpolation), []).append(batcher)
 
         reasons: list[str] = []
-        position = -1
-        for position, raw in enumerate(iter_shard(url)):
-            if position >= expected or (have_samples and samples.keys[position] != raw.key):
-                raise DatasetError(f"shard {url} changed since the store was built: sample {position} "
-                                   f"is '{raw.key}', the store expects a different sample")
-            image, reason = self._decode(raw)
-            if reason is None and raw.label is None:
-                reason = "no cls member"  # a sample without a class cannot be trained on
-            if not have_samples:
-                self._fill_sample(samples, position, raw, image if reason is None else None)
-            if not samples.valid[position]:
-                reasons.append(f"{raw.key}: {reason or 'recorded as invalid in the store'}")
-                continue
-            if image is None:
-                raise DatasetError(f"shard {url}: sample '{raw.key}' is valid in the store but cannot be "
-                                   f"decoded now ({reason})")
-            for (size, interpolation), group in render_groups.items():
-                for view in range(views):
-                    crop = render_view(image, samples.boxes[position, view], bool(samples.flips[position, view]),
-                                       size, interpolation)
-                    for batcher in group:
-                        batcher.add(position, view, crop)
-        if position + 1 != expected:
-            raise DatasetError(f"shard {url} has {position + 1} samples, the store expects {expected}; "
+        count = 0
+        stored = samples if have_samples else None
+        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode") as pool:
+            prepared = self._prepared(pool, self._checked_raws(url, expected, stored), stored, list(render_groups))
+            for item in prepared:
+                count += 1
+                self._take(item, samples, have_samples, render_groups, reasons, url)
+        if count != expected:
+            raise DatasetError(f"shard {url} has {count} samples, the store expects {expected}; "
                                "the shard changed since the store was built")
         if keys_sha256 is not None and hash_keys(list(samples.keys[:expected])) != keys_sha256:
             raise DatasetError(f"the keys in shard {url} differ from its manifest/index (keys_sha256); "
@@ -163,19 +167,91 @@ class ShardCacher:
         return ShardResult(shard=shard, num_samples=expected, invalid=len(reasons), teachers=list(teacher_ids),
                            seconds=time.perf_counter() - start, invalid_reasons=reasons[:5])
 
-    def _decode(self, raw: RawSample) -> tuple[torch.Tensor | None, str | None]:
-        try:
-            return decode_to_tensor(raw, self.device), None
-        except ImageDecodeError as e:
-            return None, str(e)
+    def _take(self, item: PreparedSample, samples: ShardSamples, have_samples: bool,
+              render_groups: dict[RenderKey, list[TeacherBatcher]], reasons: list[str], url: str) -> None:
+        """Record one prepared sample and hand its crops to the teachers' batchers."""
+        if not have_samples:
+            self._fill_sample(samples, item)
+        if not samples.valid[item.position]:
+            reasons.append(f"{item.raw.key}: {item.reason or 'recorded as invalid in the store'}")
+            return
+        if item.reason is not None:
+            raise DatasetError(f"shard {url}: sample '{item.raw.key}' is valid in the store but cannot be "
+                               f"decoded now ({item.reason})")
+        for render_key, group in render_groups.items():
+            for view, crop in enumerate(item.crops[render_key]):
+                for batcher in group:
+                    batcher.add(item.position, view, crop)
 
-    def _fill_sample(self, samples: ShardSamples, position: int, raw: RawSample,
-                     image: torch.Tensor | None) -> None:
-        """Record a sample's key and label, and its views when it is usable (``image`` given)."""
+    # ----- reading and preparing samples -------------------------------------------
+
+    @staticmethod
+    def _checked_raws(url: str, expected: int, stored: ShardSamples | None) -> Iterator[tuple[int, RawSample]]:
+        """(position, raw sample) in tar order, refusing a shard that no longer matches the store."""
+        for position, raw in enumerate(iter_shard(url)):
+            if position >= expected or (stored is not None and stored.keys[position] != raw.key):
+                raise DatasetError(f"shard {url} changed since the store was built: sample {position} "
+                                   f"is '{raw.key}', the store expects a different sample")
+            yield position, raw
+
+    def _prepared(self, pool: ThreadPoolExecutor, raws: Iterator[tuple[int, RawSample]],
+                  stored: ShardSamples | None, render_keys: list[RenderKey]) -> Iterator[PreparedSample]:
+        """Prepared samples in tar order, decoded ahead on the pool (a bounded number in flight)."""
+        if self.device.type == "cuda":
+            yield from self._prepared_on_device(raws, stored, render_keys)
+            return
+        in_flight: collections.deque[Future] = collections.deque()
+        limit = 4 * self.decode_workers
+        for position, raw in raws:
+            in_flight.append(pool.submit(self._prepare, position, raw, stored, render_keys))
+            if len(in_flight) >= limit:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+
+    def _prepare(self, position: int, raw: RawSample, stored: ShardSamples | None, render_keys: list[RenderKey],
+                 image: torch.Tensor | None = None) -> PreparedSample:
+        """Decode (unless ``image`` is given), draw or read the views, render every crop."""
+        item = PreparedSample(position, raw)
+        if stored is not None and not stored.valid[position]:
+            return item  # recorded as invalid: nothing to decode
+        if raw.label is None and stored is None:
+            item.reason = "no cls member"  # a sample without a class cannot be trained on
+        try:
+            image = decode_sample(raw).to(self.device) if image is None else image
+        except ImageDecodeError as e:
+            item.reason = str(e)
+        if item.reason is not None:
+            return item
+        if stored is None:
+            height, width = image.shape[-2:]
+            item.boxes, item.flips = sample_views(self.config.views, raw.key, width, height)
+            boxes, flips = item.boxes, item.flips
+        else:
+            boxes, flips = stored.boxes[position], stored.flips[position]
+        for size, interpolation in render_keys:
+            item.crops[(size, interpolation)] = [render_view(image, boxes[v], bool(flips[v]), size, interpolation)
+                                                 for v in range(len(boxes))]
+        return item
+
+    def _prepared_on_device(self, raws: Iterator[tuple[int, RawSample]], stored: ShardSamples | None,
+                            render_keys: list[RenderKey], group_size: int = 64) -> Iterator[PreparedSample]:
+        """CUDA: nvjpeg batch decode of ``group_size`` samples at a time, rendering on the device.
+
+        Written for GPU workers; not run in this project's CPU-only tests.
+        """
+        while group := list(itertools.islice(raws, group_size)):
+            datas = [raw.image_bytes or b"" for _, raw in group]
+            images = decode_jpegs_on_device(datas, self.device)
+            for (position, raw), image in zip(group, images):
+                yield self._prepare(position, raw, stored, render_keys, image)
+
+    @staticmethod
+    def _fill_sample(samples: ShardSamples, item: PreparedSample) -> None:
+        """Record a sample's key and label, and its views when it is usable."""
+        position, raw = item.position, item.raw
         samples.keys[position] = raw.key
         samples.labels[position] = -1 if raw.label is None else raw.label
-        if image is None:
-            return
-        height, width = image.shape[-2:]
-        samples.boxes[position], samples.flips[position] = sample_views(self.config.views, raw.key, width, height)
-        samples.valid[position] = True
+        if item.reason is None:
+            samples.boxes[position], samples.flips[position] = item.boxes, item.flips
+            samples.valid[position] = True

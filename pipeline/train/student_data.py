@@ -41,8 +41,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.cache.store import MAX_LISTED, CacheStore, ShardSamples, TeacherOutputs, listed
-from pipeline.data.shards import DatasetError, DatasetIndex, ImageDecodeError, RawSample, decode_image, hash_keys, \
-    iter_shard
+from pipeline.data.images import decode_sample
+from pipeline.data.shards import DatasetError, DatasetIndex, ImageDecodeError, RawSample, hash_keys, iter_shard
 from pipeline.data.views import ViewPolicy, center_box, policy_view, render_view
 
 __all__ = ["CachedTeacherBatch", "StreamConfig", "StreamStats", "StudentBatch", "StudentInput", "StudentStream"]
@@ -202,12 +202,6 @@ def _rng(*parts: object) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(key=int.from_bytes(digest[:16], "little")))
 
 
-def _decode(raw: RawSample) -> torch.Tensor:
-    if raw.image_bytes is None:
-        raise ImageDecodeError("no image member (jpg/jpeg/png/webp)")
-    return torch.from_numpy(np.ascontiguousarray(decode_image(raw.image_bytes).transpose(2, 0, 1)))
-
-
 # ---------------------------------------------------------------------------- one shard (loader side)
 
 
@@ -305,7 +299,7 @@ class ShardRenderer(Dataset):
                 continue
             label = self._checked_label(info.name, raw)
             try:
-                image = _decode(raw)
+                image = decode_sample(raw)
             except ImageDecodeError as e:
                 if samples is not None:
                     raise DatasetError(f"shard {info.name}: sample {raw.key!r} is valid in the store but "
