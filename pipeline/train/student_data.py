@@ -1,24 +1,22 @@
 """Student training data: stream the shards, replay each sample's cached views, join the teachers' targets.
 
-Data flow. The unit of loader work is one tar shard: the task "render shard s for epoch e"
-reads the shard's tar once and, with a store, the shard's cache rows once (its chunk of each
-array). It checks every sample key against the store's, skips samples the store marks invalid,
-decodes each image once and renders ``crops_per_image`` views of it with ``render_view`` (the
-function the cache used, so a replayed view is the cached view, at any resolution), and gathers
-every teacher's targets at those (row, view) pairs. A shard's examples come back in a fixed
-permuted order; the main process consumes shards in the epoch's order and cuts batches across
-shard boundaries. Tasks run in-process (``loader_workers=0``) or on spawned loader processes
-(zarr and fsspec run event-loop threads that forked children can deadlock on, and the trainer
-runs inside Ray workers), which open the store and the shards lazily.
+Data flow. Each epoch a rank follows an ``EpochPlan`` (pipeline/train/epoch_plan.py): its shards,
+``shards_in_flight`` at a time, their examples interleaved, then a shuffle buffer, so a batch
+mixes many shards. The examples are rendered by chunk tasks (pipeline/train/loader.py: a few
+consecutive samples of one shard, read from its open tar stream, keys checked against the
+store, views replayed, teacher targets joined) that run in the training process
+(``loader_workers=0``) or on spawned loader processes. Rendered examples wait in a ``SlotPool``
+until the plan hands them out, so memory holds the shuffle buffer and the chunks in flight,
+never a whole rendered shard.
 
 Determinism and resume. Every random choice comes from a counter-based generator keyed by what
-it decides: the epoch's shard order by (seed, epoch), a shard's example order by (seed, epoch,
-shard), a sample's view permutation by (seed, key). The batches are therefore a pure function of
-(seed, epoch, rank, world_size, dataset, store, config), whatever ``loader_workers`` and timing,
-and ``iter_epoch(e, start_step=k)`` yields exactly batches k, k+1, ... of the uninterrupted epoch.
-Shards wholly before batch k are skipped unread when their example counts are known (from the
-store's valid flags, or learned from an earlier read in this process); without a store they are
-first counted (decoded, not rendered), since an image that fails to decode shows only then.
+it decides: the epoch's shard order by (seed, epoch), the interleaving and the buffer by (seed,
+epoch, rank), a sample's view permutation by (seed, key). The batches are therefore a pure
+function of (seed, epoch, rank, world_size, dataset, store, config), whatever ``loader_workers``
+and timing, and ``iter_epoch(e, start_step=k)`` yields exactly batches k, k+1, ... of the
+uninterrupted epoch, reading only the chunks that hold examples of those batches. Without a
+store, an image that fails to decode shows only when decoded: a resumed stream first decodes
+(without rendering) the samples before its start to learn which examples it gave.
 
 Distributed training. Rank r takes shards r, r + W, ... of the epoch's shuffled shard list.
 DDP needs the same step count on every rank, so ``steps_per_epoch`` is floor(E / batch_size)
@@ -31,27 +29,20 @@ repeats its examples until it has its steps.
 
 from __future__ import annotations
 
-import hashlib
 import math
-from dataclasses import dataclass, field, fields
-from typing import Iterator, Sequence
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.cache.store import MAX_LISTED, CacheStore, ShardSamples, TeacherOutputs, listed
-from pipeline.data.images import decode_sample
-from pipeline.data.shards import DatasetError, DatasetIndex, ImageDecodeError, RawSample, hash_keys, iter_shard
-from pipeline.data.views import ViewPolicy, center_box, policy_view, render_view
-
-__all__ = ["CachedTeacherBatch", "StreamConfig", "StreamStats", "StudentBatch", "StudentInput", "StudentStream"]
-
-SizeKey = tuple[int, int, str]  # (height, width, interpolation)
-EVAL_VIEW = -1  # the view id of the evaluation centre crop
-
-
-# ---------------------------------------------------------------------------- configuration
+from pipeline.cache.store import MAX_LISTED, CacheStore, listed
+from pipeline.data.shards import DatasetError, DatasetIndex
+from pipeline.data.views import ViewPolicy
+from pipeline.train.batches import SizeKey, SlotPool, StudentBatch
+from pipeline.train.epoch_plan import EpochPlan, epoch_shards, make_plan, philox
+from pipeline.train.loader import ChunkRenderer, ChunkResult, ChunkTask, LocalRunner, ProcessRunner, RenderSpec
 
 
 @dataclass(frozen=True)
@@ -90,7 +81,9 @@ class StreamConfig:
     seed: int = 0
     crops_per_image: int = 1  # views per decoded image per epoch (1 in eval mode)
     loader_workers: int = 0  # spawned loader processes; 0 = in-process
-    prefetch_shards: int = 2  # shards in flight per loader process
+    shards_in_flight: int = 16  # shards read at once, their examples interleaved
+    shuffle_buffer: int = 2048  # examples; the memory of rendered examples waiting to be batched
+    chunk_size: int = 16  # samples per loader task
     num_classes: int | None = None  # label range; None = the dataset's class names, if any
     teacher_ids: tuple[str, ...] = ()  # cached teachers to join (empty = labels only)
     features: bool = True  # also join cached features where the teacher has them
@@ -98,7 +91,7 @@ class StreamConfig:
     view_policy: ViewPolicy | None = None  # views without a store; default RandomResizedCrop, seeded by seed
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "crops_per_image", "prefetch_shards"):
+        for name in ("batch_size", "crops_per_image", "shards_in_flight", "shuffle_buffer", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.loader_workers < 0:
@@ -109,314 +102,33 @@ class StreamConfig:
         object.__setattr__(self, "extra_sizes", tuple((int(h), int(w), str(i)) for h, w, i in self.extra_sizes))
 
 
-# ---------------------------------------------------------------------------- batches
-
-
-def _narrow(value, start: int, stop: int):
-    return None if value is None else value[start:stop]
-
-
-def _cat(values: list):
-    return None if values[0] is None else torch.cat(values)
-
-
-@dataclass
-class CachedTeacherBatch:
-    """One teacher's cached targets for a batch's (row, view) pairs."""
-
-    topk_logits: torch.Tensor  # [B, k] float32
-    topk_index: torch.Tensor  # [B, k] int64
-    logsumexp: torch.Tensor  # [B, T] float32, one column per store temperature
-    features: torch.Tensor | None = None  # [B, D] float32, zeros where feature_mask is False
-    feature_mask: torch.Tensor | None = None  # [B] bool: the view has cached features (view < V_f)
-
-    def narrow(self, start: int, stop: int) -> CachedTeacherBatch:
-        return CachedTeacherBatch(**{f.name: _narrow(getattr(self, f.name), start, stop) for f in fields(self)})
-
-    @classmethod
-    def cat(cls, parts: Sequence[CachedTeacherBatch]) -> CachedTeacherBatch:
-        return cls(**{f.name: _cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
-
-
-@dataclass
-class StudentBatch:
-    """Rendered uint8 images (normalised on the training device) with their labels and targets."""
-
-    images: torch.Tensor  # [B, 3, H, W] uint8
-    labels: torch.Tensor  # [B] int64
-    rows: torch.Tensor  # [B] int64, store rows (shard * C + position)
-    views: torch.Tensor  # [B] int64: cached view; policy view id without a store; -1 for the eval crop
-    teachers: dict[str, CachedTeacherBatch] = field(default_factory=dict)
-    extra_images: dict[SizeKey, torch.Tensor] = field(default_factory=dict)  # keyed like extra_sizes
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def narrow(self, start: int, stop: int) -> StudentBatch:
-        """Examples ``start:stop``, as views of this batch's tensors."""
-        return StudentBatch(images=self.images[start:stop], labels=self.labels[start:stop],
-                            rows=self.rows[start:stop], views=self.views[start:stop],
-                            teachers={t: b.narrow(start, stop) for t, b in self.teachers.items()},
-                            extra_images={k: v[start:stop] for k, v in self.extra_images.items()})
-
-    @classmethod
-    def cat(cls, parts: Sequence[StudentBatch]) -> StudentBatch:
-        if len(parts) == 1:
-            return parts[0]
-        first = parts[0]
-        return cls(images=torch.cat([p.images for p in parts]), labels=torch.cat([p.labels for p in parts]),
-                   rows=torch.cat([p.rows for p in parts]), views=torch.cat([p.views for p in parts]),
-                   teachers={t: CachedTeacherBatch.cat([p.teachers[t] for p in parts]) for t in first.teachers},
-                   extra_images={k: torch.cat([p.extra_images[k] for p in parts]) for k in first.extra_images})
-
-
 @dataclass
 class StreamStats:
-    """Counts over the stream's life (every shard read adds its skipped samples again)."""
+    """Counts over the stream's life."""
 
-    shards_read: int = 0  # shard tasks run: rendered, or counted to resume
+    chunks_read: int = 0  # loader tasks run (render or probe)
+    samples_read: int = 0  # samples the loader passed in the tars (decoded or not)
     examples: int = 0  # examples yielded in batches
-    skipped_invalid: int = 0  # samples the store marks invalid
+    skipped_invalid: int = 0  # samples the store marks invalid, per pass over a rank's shards
     undecodable: int = 0  # images that failed to decode (streams without a store)
     wraps: int = 0  # times a rank's stream wrapped around to its epoch start
+    wait_seconds: float = 0.0  # time the stream waited for the loader
     undecodable_samples: list[str] = field(default_factory=list)  # "key: reason", the first few
 
 
 @dataclass
-class ShardExamples:
-    """What a shard task returns: the shard's examples for one epoch (None for a count task)."""
+class _Chunks:
+    """A plan's examples grouped into loader tasks of ``size`` consecutive usable samples of a shard."""
 
-    shard: int
-    images_used: int  # samples that gave examples
-    skipped_invalid: int = 0
-    undecodable: list[str] = field(default_factory=list)
-    examples: StudentBatch | None = None
-
-
-# ---------------------------------------------------------------------------- randomness and boxes
-
-
-def _rng(*parts: object) -> np.random.Generator:
-    """A Philox generator keyed by ``parts``: the same draws in any process, in any order."""
-    digest = hashlib.sha256("\x00".join(str(p) for p in parts).encode()).digest()
-    return np.random.Generator(np.random.Philox(key=int.from_bytes(digest[:16], "little")))
-
-
-# ---------------------------------------------------------------------------- one shard (loader side)
-
-
-@dataclass
-class _Tally:
-    skipped_invalid: int = 0
-    undecodable: list[str] = field(default_factory=list)
-
-
-class ShardRenderer(Dataset):
-    """Runs shard tasks ``(kind, epoch, shard)``; built in the main process, run in loader processes.
-
-    ``"render"`` returns the shard's examples for the epoch, ``"count"`` only how many images
-    give examples. The store is opened on first use in each process.
-    """
-
-    def __init__(self, dataset: DatasetIndex, store_path: str | None, student: StudentInput,
-                 config: StreamConfig, num_views: int, num_classes: int | None, eval_mode: bool):
-        self.dataset = dataset
-        self.store_path = store_path
-        self.student = student
-        self.config = config
-        self.num_views = num_views
-        self.num_classes = num_classes
-        self.eval_mode = eval_mode
-        self.crops = 1 if eval_mode else config.crops_per_image
-        self.policy = config.view_policy or ViewPolicy(num_views=1, seed=config.seed)
-        # The student's size first; a size asked twice is rendered once.
-        self.sizes: list[SizeKey] = list(dict.fromkeys([(*student.size, student.interpolation),
-                                                        *config.extra_sizes]))
-        self._store: CacheStore | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_store": None}  # each process opens its own
-
-    @property
-    def store(self) -> CacheStore | None:
-        if self._store is None and self.store_path is not None:
-            self._store = CacheStore.open(self.store_path)
-        return self._store
-
-    def __getitem__(self, task: tuple[str, int, int]) -> ShardExamples:
-        kind, epoch, shard = task
-        return self.render(epoch, shard) if kind == "render" else self.count(shard)
-
-    def count(self, shard: int) -> ShardExamples:
-        samples = self.store.read_samples(shard) if self.store is not None else None
-        tally = _Tally()
-        used = sum(1 for _ in self._usable_samples(shard, samples, tally))
-        return ShardExamples(shard, used, tally.skipped_invalid, tally.undecodable)
-
-    def render(self, epoch: int, shard: int) -> ShardExamples:
-        store = self.store
-        samples = store.read_samples(shard) if store is not None else None
-        targets = {tid: _read_teacher(store, tid, shard, self.config.features) for tid in self.config.teacher_ids}
-        crops: dict[SizeKey, list[torch.Tensor]] = {size: [] for size in self.sizes}
-        labels, positions, views = [], [], []
-        tally, used = _Tally(), 0
-        for position, key, label, image in self._usable_samples(shard, samples, tally):
-            used += 1
-            for view, box, flip in self._views(epoch, key, image, samples, position):
-                for size in self.sizes:
-                    crops[size].append(render_view(image, box, flip, size[:2], size[2]))
-                labels.append(label)
-                positions.append(position)
-                views.append(view)
-        order = np.arange(len(labels)) if self.eval_mode else \
-            _rng("order", self.config.seed, epoch, shard).permutation(len(labels))
-        positions_, views_ = np.asarray(positions, np.int64)[order], np.asarray(views, np.int64)[order]
-        images = {size: _stack(crops.pop(size), order, size) for size in self.sizes}
-        examples = StudentBatch(
-            images=images[self.sizes[0]],
-            labels=torch.from_numpy(np.asarray(labels, np.int64)[order]),
-            rows=torch.from_numpy(shard * self.dataset.rows_per_shard + positions_),
-            views=torch.from_numpy(views_),
-            teachers={tid: _teacher_targets(out, positions_, views_) for tid, out in targets.items()},
-            extra_images={size: images[size] for size in self.config.extra_sizes})
-        return ShardExamples(shard, used, tally.skipped_invalid, tally.undecodable, examples)
-
-    def _usable_samples(self, shard: int, samples: ShardSamples | None,
-                        tally: _Tally) -> Iterator[tuple[int, str, int, torch.Tensor]]:
-        """(position, key, label, image) of each sample that gives examples, in tar order."""
-        info = self.dataset.shards[shard]
-        keys = []
-        for position, raw in enumerate(iter_shard(info.url)):
-            keys.append(raw.key)
-            if position >= info.num_samples:
-                break
-            if samples is not None and samples.keys[position] != raw.key:
-                raise DatasetError(f"shard {info.name}, position {position}: the tar has sample {raw.key!r}, "
-                                   f"the store has {str(samples.keys[position])!r}; the shards changed "
-                                   "since the store was built")
-            if samples is not None and not samples.valid[position]:
-                tally.skipped_invalid += 1
-                continue
-            label = self._checked_label(info.name, raw)
-            try:
-                image = decode_sample(raw)
-            except ImageDecodeError as e:
-                if samples is not None:
-                    raise DatasetError(f"shard {info.name}: sample {raw.key!r} is valid in the store but "
-                                       f"cannot be decoded now ({e})") from e
-                tally.undecodable.append(f"{raw.key}: {e}")
-                continue
-            yield position, raw.key, label, image
-        if len(keys) != info.num_samples or hash_keys(keys) != info.keys_sha256:
-            read = f"{len(keys)}{'+' if len(keys) > info.num_samples else ''}"
-            raise DatasetError(f"shard {info.name} changed since it was indexed: {read} samples read, "
-                               f"{info.num_samples} indexed, or other keys")
-
-    def _checked_label(self, shard_name: str, raw: RawSample) -> int:
-        if raw.label is None or (self.num_classes is not None and raw.label >= self.num_classes):
-            found = "no class label" if raw.label is None else f"label {raw.label}"
-            limit = f"[0, {self.num_classes})" if self.num_classes is not None else "a class index"
-            raise DatasetError(f"shard {shard_name}: sample {raw.key!r} has {found}, expected {limit}")
-        return raw.label
-
-    def _views(self, epoch: int, key: str, image: torch.Tensor, samples: ShardSamples | None,
-               position: int) -> list[tuple[int, np.ndarray, bool]]:
-        """(view id, box, flip) of each crop of one image in this epoch."""
-        height, width = image.shape[-2:]
-        if self.eval_mode:
-            return [(EVAL_VIEW, center_box(width, height, self.student.size, self.student.crop_pct), False)]
-        ids = [epoch * self.crops + j for j in range(self.crops)]
-        if samples is None:  # fresh policy views every epoch
-            return [(i, *policy_view(self.policy, key, i, width, height)) for i in ids]
-        # Cached views: a per-sample permutation, walked across epochs, covers all V before repeating.
-        perm = _rng("views", self.config.seed, key).permutation(self.num_views)
-        chosen = [int(perm[i % self.num_views]) for i in ids]
-        return [(v, samples.boxes[position, v], bool(samples.flips[position, v])) for v in chosen]
-
-
-def _stack(crops: list[torch.Tensor], order: np.ndarray, size: SizeKey) -> torch.Tensor:
-    if not crops:
-        return torch.empty((0, 3, size[0], size[1]), dtype=torch.uint8)
-    return torch.stack([crops[i] for i in order])
-
-
-def _read_teacher(store: CacheStore, teacher_id: str, shard: int, features: bool) -> TeacherOutputs:
-    if features:
-        return store.read_teacher(teacher_id, shard)
-    rows, group = store.shard_rows(shard), store.teacher(teacher_id)
-    return TeacherOutputs(topk_logits=group["topk_logits"][rows], topk_index=group["topk_index"][rows],
-                          logsumexp=group["logsumexp"][rows], features=None)
-
-
-def _teacher_targets(outputs: TeacherOutputs, positions: np.ndarray, views: np.ndarray) -> CachedTeacherBatch:
-    features = mask = None
-    if outputs.features is not None:
-        mask = views < outputs.features.shape[1]
-        dense = np.zeros((len(views), outputs.features.shape[2]), np.float32)
-        dense[mask] = outputs.features[positions[mask], views[mask]]
-        features, mask = torch.from_numpy(dense), torch.from_numpy(mask)
-    return CachedTeacherBatch(
-        topk_logits=torch.from_numpy(outputs.topk_logits[positions, views].astype(np.float32)),
-        topk_index=torch.from_numpy(outputs.topk_index[positions, views].astype(np.int64)),
-        logsumexp=torch.from_numpy(outputs.logsumexp[positions, views].astype(np.float32)),
-        features=features, feature_mask=mask)
-
-
-# ---------------------------------------------------------------------------- running tasks
-
-
-class _TaskList(Sampler):
-    """The tasks of the current pass; set before each iteration (the sampler lives in the main process)."""
-
-    def __init__(self) -> None:
-        self.tasks: list[tuple[str, int, int]] = []
-
-    def __iter__(self) -> Iterator[tuple[str, int, int]]:
-        return iter(list(self.tasks))
-
-    def __len__(self) -> int:
-        return len(self.tasks)
-
-
-def _identity(item: ShardExamples) -> ShardExamples:
-    return item
-
-
-class _TaskRunner:
-    """Runs shard tasks and returns their results in task order, whatever the number of processes.
-
-    A DataLoader over shard tasks: each result is one shard, so ``prefetch_shards`` bounds the
-    shards in flight per process. Workers persist across epochs and passes.
-    """
-
-    def __init__(self, renderer: ShardRenderer, workers: int, prefetch: int):
-        self._tasks = _TaskList()
-        # A private generator: each new pass draws a base seed from it, which would otherwise come from
-        # the global torch RNG and shift the trainer's dropout draws whenever a pass starts (e.g. on resume).
-        self._loader = DataLoader(renderer, batch_size=None, sampler=self._tasks, num_workers=workers,
-                                  collate_fn=_identity, multiprocessing_context="spawn" if workers else None,
-                                  persistent_workers=workers > 0, prefetch_factor=prefetch if workers else None,
-                                  generator=torch.Generator())
-
-    def run(self, tasks: list[tuple[str, int, int]]) -> Iterator[ShardExamples]:
-        self._tasks.tasks = list(tasks)
-        return iter(self._loader)  # a persistent loader drops what an abandoned pass left in flight
-
-    def close(self) -> None:
-        iterator = getattr(self._loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-        self._loader._iterator = None
-
-
-# ---------------------------------------------------------------------------- store checks (main process)
-
-
-# ---------------------------------------------------------------------------- the stream
+    of_read: np.ndarray  # [E] chunk id of each read index (chunk ids in order of first read)
+    shard: np.ndarray  # [n] dataset shard index
+    index: np.ndarray  # [n] chunk number within its shard
+    last: np.ndarray  # [n] bool: the shard's last chunk
+    reads: np.ndarray  # [n, size, crops] read index of each (sample in chunk, crop); -1 if not needed
 
 
 class StudentStream:
-    """Batches for one rank: shuffled shards, replayed cached views, joined teacher targets.
+    """Batches for one rank: interleaved shards, a shuffle buffer, replayed cached views, joined targets.
 
     With ``store_path`` None it trains on labels only, with fresh views from a ViewPolicy each
     epoch. ``eval_mode`` gives every sample once, centre-cropped, in dataset order, without a
@@ -438,18 +150,28 @@ class StudentStream:
         self.temperatures: tuple[float, ...] = ()
         self._teacher_info: dict[str, dict] = {}
         num_views = 0
-        planned = np.array([s.num_samples for s in dataset.shards], np.int64)
         if store_path is not None:
-            num_views, planned = self._read_store(store_path)
-        num_classes = config.num_classes or (len(dataset.class_names) if dataset.class_names else None)
-        # Images per shard that give examples: exact with a store, an upper bound without.
-        self._planned = planned
-        self._known: dict[int, int] = {s: int(n) for s, n in enumerate(planned)} if store_path else {}
-        self._shards = [s for s, n in enumerate(planned) if n > 0]
+            num_views, valid = self._read_store(store_path)
+            self._usable = {s: np.flatnonzero(valid[s]) for s in range(len(dataset.shards))}
+        else:
+            self._usable = {s: np.arange(info.num_samples) for s, info in enumerate(dataset.shards)}
+        self._shards = [s for s, positions in self._usable.items() if len(positions)]
         if len(self._shards) < world_size and not eval_mode:  # an eval rank may have nothing to do
             raise ValueError(f"{len(self._shards)} shard(s) with samples cannot feed {world_size} ranks")
-        self._renderer = ShardRenderer(dataset, store_path, student, config, num_views, num_classes, eval_mode)
-        self._runner: _TaskRunner | None = None
+        num_classes = config.num_classes or (len(dataset.class_names) if dataset.class_names else None)
+        spec = RenderSpec(sizes=tuple(dict.fromkeys([(*student.size, student.interpolation), *config.extra_sizes])),
+                          extra_sizes=config.extra_sizes,
+                          crop_pct=student.crop_pct, crops=self.crops, num_views=num_views,
+                          policy=config.view_policy or ViewPolicy(num_views=1, seed=config.seed), seed=config.seed,
+                          num_classes=num_classes, teacher_ids=config.teacher_ids, features=config.features,
+                          eval_mode=eval_mode)
+        self._renderer = ChunkRenderer(dataset, store_path, spec, max_open_shards=2 * config.shards_in_flight)
+        self._runner: LocalRunner | ProcessRunner | None = None
+        self._pool = SlotPool(config.shuffle_buffer + 4 * config.batch_size)
+        self._next_task_id = 0
+        # Without a store: which positions were decoded, and which failed (learned as the stream goes).
+        self._seen: dict[int, set[int]] = {}
+        self._failed: dict[int, set[int]] = {}
         self._steps = self._count_steps()
 
     def _read_store(self, path: str) -> tuple[int, np.ndarray]:
@@ -470,7 +192,7 @@ class StudentStream:
                 "preprocessing": record.get("preprocessing"),
             }
         valid = store.group["samples/valid"][:].reshape(store.num_shards, store.rows_per_shard)
-        return num_views, valid.sum(axis=1).astype(np.int64)
+        return num_views, valid
 
     # ----- what the trainer asks -------------------------------------------------
 
@@ -479,11 +201,9 @@ class StudentStream:
         return {tid: dict(info) for tid, info in self._teacher_info.items()}
 
     def epoch_shards(self, epoch: int) -> list[int]:
-        """This rank's shards for ``epoch``, in the order they are streamed."""
-        order = self._shards
-        if not self.eval_mode:
-            order = [order[i] for i in _rng("shards", self.config.seed, epoch).permutation(len(order))]
-        return order[self.rank::self.world_size]
+        """This rank's shards for ``epoch``, in the order they are opened."""
+        return epoch_shards(self._shards, self.config.seed, epoch, self.rank, self.world_size,
+                            shuffle=not self.eval_mode)
 
     def steps_per_epoch(self) -> int:
         """Train mode: the same on every rank and epoch. Eval mode: this rank's batches (an upper bound
@@ -492,13 +212,20 @@ class StudentStream:
 
     def _count_steps(self) -> int:
         batch = self.config.batch_size
+        counts = {s: len(self._usable[s]) * self.crops for s in self._shards}
         if self.eval_mode:
-            return math.ceil(sum(int(self._planned[s]) for s in self.epoch_shards(0)) / batch)
+            return math.ceil(sum(counts[s] for s in self.epoch_shards(0)) / batch)
         per_rank = len(self._shards) // self.world_size
-        fewest = sum(sorted(int(self._planned[s]) * self.crops for s in self._shards)[:per_rank])
+        fewest = sum(sorted(counts.values())[:per_rank])
         if fewest < batch:
             raise ValueError(f"batch_size {batch} exceeds the {fewest} examples a rank is sure to get per epoch")
         return fewest // batch
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The order of this rank's examples in ``epoch`` (evaluation: dataset order)."""
+        rng = None if self.eval_mode else philox("plan", self.config.seed, epoch, self.rank)
+        return make_plan(self.epoch_shards(epoch), self._usable, self.crops, self.config.shards_in_flight,
+                         self.config.shuffle_buffer, rng)
 
     # ----- batches ---------------------------------------------------------------
 
@@ -510,62 +237,211 @@ class StudentStream:
         total = None if self.eval_mode else (self._steps - start_step) * batch
         if total is not None and total <= 0:
             return
-        pieces = self._pieces(epoch, self.epoch_shards(epoch), start_step * batch)
+        plan = self.plan(epoch)
+        start, wraps = self._locate(epoch, plan, start_step * batch)
+        self.stats.wraps += wraps
+        slots = self._slots(epoch, plan, start)
+        pending: list[int] = []
+        emitted = 0
         try:
-            for out in _cut(pieces, batch, total):
-                self.stats.examples += len(out)
-                yield out
+            for slot in slots:
+                pending.append(slot)
+                if len(pending) == batch or (total is not None and emitted + len(pending) == total):
+                    emitted += len(pending)
+                    yield self._take(pending)
+                    if total is not None and emitted >= total:
+                        return
+            if pending:
+                yield self._take(pending)
         finally:
-            pieces.close()
+            self._pool.release(pending)
+            slots.close()
 
-    def _pieces(self, epoch: int, shards: list[int], skip: int) -> Iterator[StudentBatch]:
-        """The rank's examples from example ``skip`` on, shard by shard, wrapping around in train mode."""
-        start, offset = 0, 0
-        if skip:
-            self._learn_counts([s for s in shards if s not in self._known])
-            per_pass = sum(self._known[s] * self.crops for s in shards)
-            if self.eval_mode and skip >= per_pass:
-                return
-            skip = skip % per_pass if per_pass else 0  # every pass of an epoch is the same
-            while skip >= self._known[shards[start]] * self.crops:
-                skip -= self._known[shards[start]] * self.crops
-                start += 1
-            offset = skip
+    def _take(self, slots: list[int]) -> StudentBatch:
+        """The examples in ``slots`` as a batch; empties ``slots`` (their slots are free again)."""
+        self.stats.examples += len(slots)
+        batch = self._pool.take(list(slots))
+        slots.clear()
+        return batch
+
+    def _slots(self, epoch: int, plan: EpochPlan, start: int) -> Iterator[int]:
+        """Pool slots of the rank's examples from hand-out index ``start`` on, wrapping around in train mode."""
         while True:
             produced = 0
-            for result in self._run([("render", epoch, s) for s in shards[start:]]):
-                examples = result.examples
-                produced += len(examples)
-                if offset:
-                    examples, offset = examples.narrow(offset, len(examples)), 0
-                if len(examples):
-                    yield examples
+            for slot in self._pass(epoch, plan, start):
+                produced += 1
+                yield slot
             if self.eval_mode:
                 return
             if start == 0 and produced == 0:
                 raise DatasetError(f"rank {self.rank}: no sample of its shards gives an example "
-                                   f"({listed([self.dataset.shards[s].name for s in shards])})")
+                                   f"({listed([self.dataset.shards[s].name for s in self.epoch_shards(epoch)])})")
             start = 0
             self.stats.wraps += 1
 
-    def _learn_counts(self, shards: list[int]) -> None:
-        for _ in self._run([("count", 0, s) for s in shards]):
-            pass
+    def _pass(self, epoch: int, plan: EpochPlan, start: int) -> Iterator[int]:
+        """One pass over the plan from hand-out index ``start``: render chunks ahead, hand out slots in plan order."""
+        chunks = self._chunks(plan, start)
+        runner = self._ensure_runner()
+        limit = 4 * runner.workers  # loader tasks in flight
+        slot_of: dict[int, int] = {}
+        arrived = np.zeros(len(chunks.shard), bool)
+        in_flight: dict[int, int] = {}  # task id -> chunk id
+        worker_of: dict[int, int] = {}  # shard -> the loader process holding its stream
+        self._count_invalid(plan)
+        next_chunk = 0
+        try:
+            for read in plan.emit[start:].tolist():
+                chunk = int(chunks.of_read[read])
+                while not arrived[chunk]:
+                    while next_chunk < len(arrived) and (next_chunk <= chunk or len(in_flight) < limit):
+                        if not self._dispatch(epoch, chunks, next_chunk, in_flight, worker_of, runner):
+                            arrived[next_chunk] = True  # nothing of it is needed
+                        next_chunk += 1
+                    if not arrived[chunk]:
+                        done = self._receive(chunks, in_flight, slot_of, runner)
+                        if done is not None:
+                            arrived[done] = True
+                slot = slot_of.pop(read, None)
+                if slot is not None:  # None: the image did not decode (no store)
+                    yield slot
+        finally:
+            self._pool.release(list(slot_of.values()))
+            runner.discard(list(in_flight))  # an abandoned pass's results must not be taken for a later one's
 
-    def _run(self, tasks: list[tuple[str, int, int]]) -> Iterator[ShardExamples]:
-        if self._runner is None:
-            self._runner = _TaskRunner(self._renderer, self.config.loader_workers, self.config.prefetch_shards)
-        for result in self._runner.run(tasks):
-            self._record(result)
-            yield result
+    def _dispatch(self, epoch: int, chunks: _Chunks, chunk: int, in_flight: dict[int, int],
+                  worker_of: dict[int, int], runner) -> bool:
+        """Send a chunk's task to the process holding its shard's stream; False if none of it is needed."""
+        needed = (chunks.reads[chunk] >= 0).any(axis=-1)
+        if not needed.any():
+            return False
+        shard, index = int(chunks.shard[chunk]), int(chunks.index[chunk])
+        positions = self._usable[shard][index * self.config.chunk_size:(index + 1) * self.config.chunk_size]
+        task = ChunkTask(epoch=epoch, shard=shard, positions=tuple(positions[needed[:len(positions)]].tolist()),
+                         last=bool(chunks.last[chunk]))
+        if shard not in worker_of:
+            load = [sum(1 for w in worker_of.values() if w == i) for i in range(runner.workers)]
+            worker_of[shard] = int(np.argmin(load))
+        task_id = self._next_task_id
+        self._next_task_id += 1
+        runner.submit(task_id, task, worker_of[shard])
+        in_flight[task_id] = chunk
+        if task.last:
+            del worker_of[shard]
+        return True
 
-    def _record(self, result: ShardExamples) -> None:
-        self._known[result.shard] = result.images_used
+    def _receive(self, chunks: _Chunks, in_flight: dict[int, int], slot_of: dict[int, int], runner) -> int | None:
+        """Take one loader result into the pool; returns its chunk id (None for a stale result)."""
+        started = time.perf_counter()
+        task_id, result = runner.get()
+        self.stats.wait_seconds += time.perf_counter() - started
+        chunk = in_flight.pop(task_id, None)
+        if chunk is None:
+            return None
+        self._record(result)
+        index = int(chunks.index[chunk])
+        rows = result.positions if len(result.positions) else np.zeros(0, np.int64)
+        usable = self._usable[result.shard]
+        within = np.searchsorted(usable, rows) - index * self.config.chunk_size
+        reads = chunks.reads[chunk][within].reshape(-1)  # examples come as (sample, crop), crops adjacent
+        keep = reads >= 0
+        if keep.any():
+            examples = result.examples
+            if not keep.all():
+                examples = examples.select(torch.from_numpy(np.flatnonzero(keep)))
+            for read, slot in zip(reads[keep].tolist(), self._pool.put(examples)):
+                slot_of[read] = slot
+        return chunk
+
+    def _record(self, result: ChunkResult) -> None:
         stats = self.stats
-        stats.shards_read += 1
-        stats.skipped_invalid += result.skipped_invalid
-        stats.undecodable += len(result.undecodable)
-        stats.undecodable_samples.extend(result.undecodable[:max(0, MAX_LISTED - len(stats.undecodable_samples))])
+        stats.chunks_read += 1
+        stats.samples_read += result.samples_read
+        seen = self._seen.setdefault(result.shard, set())
+        seen.update(result.positions.tolist())
+        if result.undecodable:
+            failed = self._failed.setdefault(result.shard, set())
+            new = [(p, reason) for p, reason in result.undecodable if p not in failed]
+            seen.update(p for p, _ in result.undecodable)
+            failed.update(p for p, _ in result.undecodable)
+            stats.undecodable += len(result.undecodable)
+            stats.undecodable_samples.extend(
+                reason for _, reason in new[:max(0, MAX_LISTED - len(stats.undecodable_samples))])
+
+    def _count_invalid(self, plan: EpochPlan) -> None:
+        if self.store_path is not None:
+            shards = np.unique(plan.shard)
+            self.stats.skipped_invalid += int(sum(self.dataset.shards[s].num_samples - len(self._usable[s])
+                                                  for s in shards.tolist()))
+
+    def _chunks(self, plan: EpochPlan, start: int) -> _Chunks:
+        """Group the plan's reads into loader tasks; reads handed out before ``start`` are not needed."""
+        size, crops = self.config.chunk_size, self.crops
+        shards = np.unique(plan.shard)
+        # rank[r]: index of read r's sample among its shard's usable samples, from a [shards, C] table.
+        table = np.zeros((len(shards), self.dataset.rows_per_shard), np.int64)
+        for i, shard in enumerate(shards.tolist()):
+            table[i, self._usable[shard]] = np.arange(len(self._usable[shard]))
+        rank = table[np.searchsorted(shards, plan.shard), plan.position]
+        within = rank // size
+        code = plan.shard * (int(within.max(initial=0)) + 1) + within
+        keys, first, inverse = np.unique(code, return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")
+        chunk_of_key = np.empty(len(keys), np.int64)
+        chunk_of_key[order] = np.arange(len(keys))
+        of_read = chunk_of_key[inverse]
+        shard, index = plan.shard[first[order]], within[first[order]]
+        chunks_per_shard = np.array([(len(self._usable[s]) + size - 1) // size for s in shards.tolist()], np.int64)
+        last = index == chunks_per_shard[np.searchsorted(shards, shard)] - 1
+        reads = np.full((len(keys), size, crops), -1, np.int64)
+        needed = plan.emit[start:]
+        reads[of_read[needed], rank[needed] - within[needed] * size, plan.crop[needed]] = needed
+        return _Chunks(of_read=of_read, shard=shard, index=index, last=last, reads=reads)
+
+    def _locate(self, epoch: int, plan: EpochPlan, skip: int) -> tuple[int, int]:
+        """(hand-out index of example ``skip`` of the epoch, passes wrapped before it).
+
+        With a store every planned example exists. Without one, images that fail to decode drop
+        out, so the samples handed out before ``skip`` are first decoded to find them.
+        """
+        if skip == 0 or self.store_path is not None:
+            return skip, 0
+        wraps = 0
+        while True:
+            good = 0
+            for t, read in enumerate(plan.emit.tolist()):
+                shard, position = int(plan.shard[read]), int(plan.position[read])
+                if position not in self._seen.get(shard, ()):
+                    self._probe(epoch, shard, position)
+                if position in self._failed.get(shard, ()):
+                    continue
+                if good == skip:
+                    return t, wraps
+                good += 1
+            if good == 0 or self.eval_mode:
+                return len(plan.emit), wraps
+            wraps, skip = wraps + skip // good, skip % good
+
+    def _probe(self, epoch: int, shard: int, position: int) -> None:
+        """Decode (without rendering) the chunk of samples around ``position`` to learn which fail."""
+        size = self.config.chunk_size
+        index = int(np.searchsorted(self._usable[shard], position)) // size
+        positions = self._usable[shard][index * size:(index + 1) * size]
+        runner = self._ensure_runner()
+        task_id = self._next_task_id
+        self._next_task_id += 1
+        runner.submit(task_id, ChunkTask(epoch, shard, tuple(positions.tolist()), probe=True), 0)
+        while True:
+            got, result = runner.get()
+            if got == task_id:
+                self._record(result)
+                return
+
+    def _ensure_runner(self) -> LocalRunner | ProcessRunner:
+        if self._runner is None:
+            workers = self.config.loader_workers
+            self._runner = ProcessRunner(self._renderer, workers) if workers else LocalRunner(self._renderer)
+        return self._runner
 
     # ----- lifetime --------------------------------------------------------------
 
@@ -581,23 +457,3 @@ class StudentStream:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def _cut(pieces: Iterator[StudentBatch], batch_size: int, total: int | None) -> Iterator[StudentBatch]:
-    """Batches of ``batch_size`` across piece boundaries; ``total`` examples at most (None: all, last one short)."""
-    parts: list[StudentBatch] = []
-    have = emitted = 0
-    for piece in pieces:
-        pos = 0
-        while pos < len(piece):
-            take = min(batch_size - have, len(piece) - pos)
-            if total is not None:
-                take = min(take, total - emitted - have)
-            parts.append(piece.narrow(pos, pos + take))
-            pos, have = pos + take, have + take
-            if have == batch_size or (total is not None and emitted + have == total):
-                yield StudentBatch.cat(parts)
-                emitted, parts, have = emitted + have, [], 0
-                if total is not None and emitted >= total:
-                    return
-    if parts:
-        yield StudentBatch.cat(parts)

@@ -30,7 +30,8 @@ from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint, restor
 from pipeline.train.export import export_student
 from pipeline.train.losses import DistillLoss, DistillLossConfig, MixConfig, TeacherLossWeights, TeacherTargets, mix_batch
 from pipeline.train.metrics import MetricsLog, plot_curves
-from pipeline.train.student_data import StreamConfig, StudentBatch, StudentInput, StudentStream
+from pipeline.train.batches import StudentBatch
+from pipeline.train.student_data import StreamConfig, StudentInput, StudentStream
 from pipeline.train.train_config import TrainConfig
 from teachers import Teacher, load_teacher, parse_teacher_spec
 
