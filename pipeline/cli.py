@@ -316,6 +316,11 @@ def _train_options(config_file: str | None, flags: dict) -> dict:
 @click.option("--cutmix", type=click.FloatRange(min=0), help="CutMix alpha (0 = off).  [default: 0]")
 @click.option("--crops-per-image", type=click.IntRange(min=1),
               help="Views per decoded image per epoch (amortises JPEG decode).  [default: 1]")
+@click.option("--shards-in-flight", type=click.IntRange(min=1),
+              help="Shards each loader reads at once; their examples are interleaved.  [default: 16]")
+@click.option("--shuffle-buffer", type=click.IntRange(min=1),
+              help="Examples shuffled on their way to a batch; holds this many rendered images in memory "
+                   "(2048 at 224 px: 300 MB).  [default: 2048]")
 @click.option("--lr", type=float, help="Peak AdamW learning rate.  [default: 2e-3]")
 @click.option("--weight-decay", type=float, help="AdamW weight decay.  [default: 0.05]")
 @click.option("--warmup-epochs", type=float, help="Linear warmup before the cosine decay.  [default: 1]")

@@ -98,3 +98,42 @@ def test_export_loads_with_timm_and_as_a_teacher(tmp_path):
     torch.testing.assert_close(from_file(x), expected)
     torch.testing.assert_close(teacher(x)[0], expected)
     assert teacher.preprocessing.input_size == (32, 32)
+
+
+@pytest.mark.parametrize("model", ["regla_t", "resnet10t", "test_vit"])
+def test_one_head_pass_gives_logits_and_features_with_one_dropout_mask(model):
+    from pipeline.train.losses import DistillLoss, DistillLossConfig, TeacherLossWeights, TeacherTargets
+    from pipeline.train.student_model import StudentWithLoss, feature_dim
+
+    torch.manual_seed(0)
+    student = timm.create_model(model, num_classes=10, drop_rate=0.5).train()
+    distill = DistillLoss(DistillLossConfig(label_weight=1.0, teachers={"t": TeacherLossWeights(kd=0, feature=1)}),
+                          feature_dim(student), {"t": 6})
+    wrapped = StudentWithLoss(student, distill).train()
+    calls, seen = [], []
+    student.forward_head = _counting(student.forward_head, calls)
+    distill.forward = _capturing(distill.forward, seen)
+    targets = {"t": TeacherTargets.from_logits(torch.randn(4, 10), torch.randn(4, 6))}
+    x = torch.randn(4, 3, 32, 32)
+    loss, _ = wrapped(x, torch.arange(4), targets, 1.0, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and len(calls) == 1
+    logits, features = seen[0]
+    assert features.shape == (4, feature_dim(student))
+    # The logits are the classifier applied to exactly these features: one dropout mask for both
+    # (still in training mode: regla's classifier normalises with the batch's statistics).
+    torch.testing.assert_close(student.get_classifier()(features), logits)
+    assert (features == 0).float().mean() > 0.2  # dropout really zeroed part of them
+
+
+def _counting(function, calls):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+    return wrapper
+
+
+def _capturing(function, seen):
+    def wrapper(logits, features, *args, **kwargs):
+        seen.append((logits.detach(), features.detach()))
+        return function(logits, features, *args, **kwargs)
+    return wrapper

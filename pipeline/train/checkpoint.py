@@ -67,3 +67,42 @@ def restore_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator
     generator.set_state(state["generator"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+class RunCheckpointer:
+    """Saves and restores one worker's training state: rank 0 writes, every rank resumes its own RNG.
+
+    ``parts`` are the objects with ``state_dict``/``load_state_dict`` (module, optimizer, scheduler,
+    EMA or None); the data position travels beside them, as a plain dict.
+    """
+
+    def __init__(self, run_dir: str | Path, parts: dict[str, Any], generator: torch.Generator, rank: int,
+                 world_size: int):
+        self.run_dir, self.parts, self.generator = run_dir, parts, generator
+        self.rank, self.world_size = rank, world_size
+
+    def save(self, step: int, position: dict[str, int]) -> None:
+        import torch.distributed as dist
+
+        rngs = [rng_state(self.generator)]
+        if self.world_size > 1:
+            gathered: list[Any] = [None] * self.world_size
+            dist.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if self.rank == 0:
+            state = {name: part.state_dict() if part is not None else None for name, part in self.parts.items()}
+            save_checkpoint(self.run_dir, step, {**state, "position": dict(position), "rng": rngs})
+        if self.world_size > 1:
+            dist.barrier()
+
+    def restore(self) -> dict[str, int] | None:
+        """Load the newest checkpoint into the parts; returns its position (None without a checkpoint)."""
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return None
+        state = load_checkpoint(path)
+        for name, part in self.parts.items():
+            if part is not None:
+                part.load_state_dict(state[name])
+        restore_rng_state(state["rng"][self.rank], self.generator)
+        return state["position"]

@@ -60,6 +60,8 @@ class TrainConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     crops_per_image: int = 1
+    shards_in_flight: int = 16  # shards a loader reads at once, their examples interleaved
+    shuffle_buffer: int = 2048  # examples shuffled on the way out (memory: this many rendered images)
     # optimisation
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -77,6 +79,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "num_workers": self.num_workers,
                     "crops_per_image": self.crops_per_image, "log_every": self.log_every,
+                    "shards_in_flight": self.shards_in_flight, "shuffle_buffer": self.shuffle_buffer,
                     "checkpoint_every": self.checkpoint_every}
         for name, value in positive.items():
             if value < 1:

@@ -10,13 +10,12 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from typing import Any
 
-import timm
 import torch
 import torch.distributed as dist
 from timm.optim import create_optimizer_v2
@@ -24,32 +23,18 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 
-import regla  # noqa: F401  (registers the regla_* models with timm)
 from pipeline.data.views import normalize
-from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from pipeline.train.export import export_student
-from pipeline.train.losses import DistillLoss, DistillLossConfig, MixConfig, TeacherLossWeights, TeacherTargets, mix_batch
-from pipeline.train.metrics import MetricsLog, plot_curves
 from pipeline.train.batches import StudentBatch
+from pipeline.train.checkpoint import RunCheckpointer
+from pipeline.train.evaluation import evaluate
+from pipeline.train.export import export_student
+from pipeline.train.losses import DistillLoss, DistillLossConfig, MixConfig, TeacherLossWeights, mix_batch
+from pipeline.train.metrics import MetricsLog, plot_curves
 from pipeline.train.student_data import StreamConfig, StudentInput, StudentStream
+from pipeline.train.student_model import StudentWithLoss, autocast_context, create_student, feature_dim, \
+    resolve_device
+from pipeline.train.teacher_targets import cached_targets, load_online_teachers, online_targets
 from pipeline.train.train_config import TrainConfig
-from teachers import Teacher, load_teacher, parse_teacher_spec
-
-
-class StudentWithLoss(nn.Module):
-    """The student and its distillation heads behind one forward, so DDP syncs both in one pass."""
-
-    def __init__(self, student: nn.Module, distill: DistillLoss):
-        super().__init__()
-        self.student = student
-        self.distill = distill
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, targets: dict[str, TeacherTargets],
-                lam: float, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        pooled = self.student.forward_features(images)
-        features = self.student.forward_head(pooled, pre_logits=True)
-        logits = self.student.forward_head(pooled)
-        return self.distill(logits.float(), features.float(), labels, targets, generator=generator, lam=lam)
 
 
 @dataclass
@@ -61,55 +46,8 @@ class Position:
     step_in_epoch: int = 0
 
 
-def resolve_device(config: TrainConfig) -> torch.device:
-    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def autocast_context(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    use_bf16 = config.precision == "bf16" or (
-        config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
-
-def create_student(config: TrainConfig, num_classes: int) -> nn.Module:
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": config.drop_path}
-    if config.img_size:
-        try:  # models with a fixed input size (ViTs) need it at construction; CNNs take none
-            return timm.create_model(config.model, img_size=config.img_size, **kwargs)
-        except TypeError:
-            pass
-    return timm.create_model(config.model, **kwargs)
-
-
-def cached_targets(batch: StudentBatch, temperatures: tuple[float, ...], num_classes: int,
-                   device: torch.device) -> dict[str, TeacherTargets]:
-    return {tid: TeacherTargets(topk_logits=t.topk_logits, topk_index=t.topk_index, logsumexp=t.logsumexp,
-                                temperatures=temperatures, num_classes=num_classes, features=t.features,
-                                feature_mask=t.feature_mask).to(device)
-            for tid, t in batch.teachers.items()}
-
-
-def load_online_teachers(config: TrainConfig, device: torch.device) -> dict[str, Teacher]:
-    teachers = [load_teacher(parse_teacher_spec(spec), device, random_init=config.random_init_online, seed=config.seed)
-                for spec in config.online_teachers]
-    return {t.spec.teacher_id: t for t in teachers}
-
-
-def online_targets(batch: StudentBatch, teachers: dict[str, Teacher], temperatures: tuple[float, ...],
-                   device: torch.device) -> dict[str, TeacherTargets]:
-    targets = {}
-    for tid, teacher in teachers.items():
-        pre = teacher.preprocessing
-        images = batch.extra_images[(*pre.input_size, pre.interpolation)].to(device)
-        logits, features = teacher(normalize(images, pre.mean, pre.std))
-        targets[tid] = TeacherTargets.from_logits(logits, features if teacher.spec.features else None, temperatures)
-    return targets
-
-
 class WorkerRun:
-    """One worker's share of a training run (built by ``train_worker``)."""
+    """One worker's share of a training run: built from the config and the driver's plan, then ``train()``."""
 
     def __init__(self, config: TrainConfig, plan: dict[str, Any], progress: Any = None):
         self.config = config
@@ -126,7 +64,7 @@ class WorkerRun:
         self.student = create_student(config, self.num_classes).to(self.device, memory_format=self.memory_format)
         self.input = StudentInput.from_model(self.student, config.img_size)
         self.online = load_online_teachers(config, self.device)
-        distill = DistillLoss(self._loss_config(), self.student.num_features, self._feature_dims())
+        distill = DistillLoss(self._loss_config(), feature_dim(self.student), self._feature_dims())
         self.module = StudentWithLoss(self.student, distill).to(self.device)
         self.ddp = (nn.parallel.DistributedDataParallel(self.module) if self.world_size > 1 else self.module)
 
@@ -145,6 +83,9 @@ class WorkerRun:
         self.mix = MixConfig(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix)
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
         torch.manual_seed(config.seed * 1000 + self.rank)  # dropout / drop-path differ per rank
+        self.checkpoints = RunCheckpointer(
+            config.run_dir, {"module": self.module, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                             "ema": self.ema}, self.generator, self.rank, self.world_size)
         self.position = Position()
         self.log: MetricsLog | None = None
 
@@ -172,50 +113,18 @@ class WorkerRun:
 
     def _stream_config(self, train: bool) -> StreamConfig:
         extra = tuple((*t.preprocessing.input_size, t.preprocessing.interpolation) for t in self.online.values())
-        return StreamConfig(batch_size=self.config.batch_size, seed=self.config.seed,
-                            crops_per_image=self.config.crops_per_image if train else 1,
-                            loader_workers=self.config.loader_workers, num_classes=self.num_classes,
+        config = self.config
+        return StreamConfig(batch_size=config.batch_size, seed=config.seed,
+                            crops_per_image=config.crops_per_image if train else 1,
+                            loader_workers=config.loader_workers, shards_in_flight=config.shards_in_flight,
+                            shuffle_buffer=config.shuffle_buffer, num_classes=self.num_classes,
                             teacher_ids=tuple(self.plan["teachers"]) if train else (),
                             extra_sizes=extra if train else ())
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "position": vars(self.position).copy()}
-
-    def restore(self) -> None:
-        path = latest_checkpoint(self.config.run_dir)
-        if path is None:
-            return
-        state = load_checkpoint(path)
-        self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.position = Position(**state["position"])
-        restore_rng_state(state["rng"][self.rank], self.generator)
-
-    def save(self) -> None:
-        """Rank 0 writes the checkpoint, with every rank's RNG state so that each resumes its own stream."""
-        rngs = [rng_state(self.generator)]
-        if self.world_size > 1:
-            gathered: list[Any] = [None] * self.world_size
-            dist.all_gather_object(gathered, rngs[0])
-            rngs = gathered
-        if self.rank == 0:
-            state = self.state()
-            state["rng"] = rngs
-            save_checkpoint(self.config.run_dir, self.position.step, state)
-        if self.world_size > 1:
-            dist.barrier()
-
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> None:
-        if self.config.resume:
-            self.restore()
+        if self.config.resume and (position := self.checkpoints.restore()) is not None:
+            self.position = Position(**position)
         if self.rank == 0:
             self.log = MetricsLog(self.config.run_dir, self.position.step)
         total = self.config.epochs * self.steps_per_epoch
@@ -225,45 +134,46 @@ class WorkerRun:
             self._evaluate()
             self.position.epoch += 1
             self.position.step_in_epoch = 0
-            self.save()
+            self._save()
         if self.rank == 0:
-            export_student(self.student, self.config.run_dir, self.input.size, self.plan.get("label_names"))
+            label_names = self.plan.get("label_names")
+            export_student(self.student, self.config.run_dir, self.input.size, label_names)
             if self.ema is not None:
-                export_student(self.ema.module, self.config.run_dir / "ema", self.input.size,
-                               self.plan.get("label_names"))
+                export_student(self.ema.module, self.config.run_dir / "ema", self.input.size, label_names)
             plot_curves(self.config.run_dir)
         self._report({"kind": "done", "step": self.position.step})
 
     def _train_epoch(self) -> None:
         config, pos = self.config, self.position
         self.module.train()
-        started, images_seen = time.perf_counter(), 0
-        batches = self.train_stream.iter_epoch(pos.epoch, pos.step_in_epoch)
-        for batch in batches:
+        started, images_seen, waited = time.perf_counter(), 0, 0.0
+        for batch, wait in _timed(self.train_stream.iter_epoch(pos.epoch, pos.step_in_epoch)):
             parts = self.train_step(batch)
             pos.step += 1
             pos.step_in_epoch += 1
             images_seen += len(batch.labels) * self.world_size
+            waited += wait
             if pos.step % config.log_every == 0 or pos.step_in_epoch == self.steps_per_epoch:
-                elapsed = time.perf_counter() - started
-                record = {"kind": "train", "step": pos.step, "epoch": pos.epoch + pos.step_in_epoch /
-                          self.steps_per_epoch, "lr": self.optimizer.param_groups[0]["lr"],
-                          "images_per_s": images_seen / max(elapsed, 1e-9),
-                          **{("loss" if k == "total" else f"loss/{k}"): float(v) for k, v in parts.items()}}
-                self._log(record)
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                self._log({"kind": "train", "step": pos.step,
+                           "epoch": pos.epoch + pos.step_in_epoch / self.steps_per_epoch,
+                           "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": images_seen / elapsed,
+                           "data_wait": waited / elapsed,  # the share of the time spent waiting for batches
+                           **{("loss" if k == "total" else f"loss/{k}"): float(v) for k, v in parts.items()}})
+                started, images_seen, waited = time.perf_counter(), 0, 0.0
             interrupt = config.interrupt_after_steps is not None and pos.step >= config.interrupt_after_steps
             # The epoch's last step is checkpointed after evaluation, by train().
             if pos.step_in_epoch < self.steps_per_epoch and (pos.step % config.checkpoint_every == 0 or interrupt):
-                self.save()
+                self._save()
             if interrupt:
                 raise RuntimeError(f"interrupted after step {pos.step} (interrupt_after_steps)")
 
-    def _student_images(self, batch: StudentBatch) -> torch.Tensor:
-        images = normalize(batch.images.to(self.device), self.input.mean, self.input.std)
+    def _student_images(self, images: torch.Tensor) -> torch.Tensor:
+        images = normalize(images.to(self.device), self.input.mean, self.input.std)
         return images.contiguous(memory_format=self.memory_format)
 
     def train_step(self, batch: StudentBatch) -> dict[str, torch.Tensor]:
-        images = self._student_images(batch)
+        images = self._student_images(batch.images)
         labels = batch.labels.to(self.device)
         targets = cached_targets(batch, self.temperatures, self.num_classes, self.device)
         targets.update(online_targets(batch, self.online, self.temperatures, self.device))
@@ -282,35 +192,17 @@ class WorkerRun:
             self.ema.update(self.student, step=self.position.step + 1)
         return parts
 
-    @torch.no_grad()
     def _evaluate(self) -> None:
         if self.val_stream is None:
             return
         models = {"": self.student} | ({"ema_": self.ema.module} if self.ema is not None else {})
-        for model in models.values():
-            model.eval()
-        k = min(5, self.num_classes)
-        counts = torch.zeros(2 * len(models) + 1, dtype=torch.float64)
-        for batch in self.val_stream.iter_epoch(0):
-            images = self._student_images(batch)
-            labels = batch.labels.to(self.device)
-            for i, model in enumerate(models.values()):
-                with autocast_context(self.config, self.device):
-                    top = model(images).float().topk(k, dim=-1).indices
-                hits = top == labels[:, None]
-                counts[2 * i] += hits[:, 0].sum().item()
-                counts[2 * i + 1] += hits.any(dim=-1).sum().item()
-            counts[-1] += len(labels)
-        if self.world_size > 1:
-            dist.all_reduce(counts)
-        total = max(counts[-1].item(), 1.0)
-        record = {"kind": "eval", "step": self.position.step, "epoch": self.position.epoch + 1,
-                  "samples": int(counts[-1].item())}
-        for i, prefix in enumerate(models):
-            record[f"{prefix}top1"] = 100.0 * counts[2 * i].item() / total
-            record[f"{prefix}top5"] = 100.0 * counts[2 * i + 1].item() / total
-        self._log(record)
+        record = evaluate(models, self.val_stream, self._student_images, self.device,
+                          lambda: autocast_context(self.config, self.device), self.num_classes, self.world_size)
+        self._log({"kind": "eval", "step": self.position.step, "epoch": self.position.epoch + 1, **record})
         self.module.train()
+
+    def _save(self) -> None:
+        self.checkpoints.save(self.position.step, {f.name: getattr(self.position, f.name) for f in fields(Position)})
 
     # -- reporting -----------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -321,6 +213,16 @@ class WorkerRun:
     def _report(self, record: dict[str, Any]) -> None:
         if self.rank == 0 and self.progress is not None:
             self.progress.push.remote(record)
+
+
+def _timed(batches: Iterator[StudentBatch]) -> Iterator[tuple[StudentBatch, float]]:
+    """Each batch with the seconds the loop waited for it."""
+    while True:
+        started = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch, time.perf_counter() - started
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
