@@ -133,7 +133,12 @@ class SlotPool:
         self.peak = max(self.peak, len(self))
         index = torch.tensor(slots, dtype=torch.long)
         for name, tensor in flat.items():
-            self._storage[name][index] = tensor
+            storage = self._storage[name]
+            if tensor.dim() == 4:  # images: per-example copies beat one index_put on one thread by 10x
+                for source, slot in zip(tensor, slots):
+                    storage[slot].copy_(source)
+            else:
+                storage[index] = tensor
         return slots
 
     def take(self, slots: list[int]) -> StudentBatch:
