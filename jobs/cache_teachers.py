@@ -277,11 +277,11 @@ def run_cache_job(job: CacheJob, progress: bool = True) -> CacheSummary:
     dataset = index_dataset(job.shards)
     results: list[ShardResult] = []
     failed: dict[int, str] = {}
-    if teachers_to_run := _teachers_with_work(job):
+    if teachers_to_run := teachers_with_work(job):
         with ray_session(job.address):
             workers, new_worker = _start_workers(job, teachers_to_run, len(dataset.shards))
             store = prepare_store(job, dataset)
-            work = _pending_work(job, store)
+            work = pending_work(job, store)
             results, failed = _run_on_ray(job, dataset, work, workers, new_worker, progress)
     else:
         store = prepare_store(job, dataset)
@@ -289,7 +289,7 @@ def run_cache_job(job: CacheJob, progress: bool = True) -> CacheSummary:
                       seconds=time.perf_counter() - start)
 
 
-def _teachers_with_work(job: CacheJob) -> list[TeacherSpec]:
+def teachers_with_work(job: CacheJob) -> list[TeacherSpec]:
     """The requested teachers that the store does not hold on every shard (all of them for a new store)."""
     try:
         store = CacheStore.open(job.store)
@@ -299,7 +299,7 @@ def _teachers_with_work(job: CacheJob) -> list[TeacherSpec]:
             if spec.teacher_id not in store.teacher_ids or not store.teacher_done(spec.teacher_id).all()]
 
 
-def _pending_work(job: CacheJob, store: CacheStore) -> list[tuple[int, list[str]]]:
+def pending_work(job: CacheJob, store: CacheStore) -> list[tuple[int, list[str]]]:
     """(shard, teachers still missing on it) for every shard that is not complete."""
     done = {spec.teacher_id: store.teacher_done(spec.teacher_id) for spec in job.teachers}
     return [(shard, pending) for shard in range(store.num_shards)

@@ -8,7 +8,7 @@ import timm
 import torch
 from PIL import Image
 
-from jobs.cache_teachers import CacheJob, ShardWorker, _teachers_with_work, run_cache_job
+from jobs.cache_teachers import CacheJob, ShardWorker, teachers_with_work, run_cache_job
 from pipeline.cache.store import CacheConfig, CacheStore, StoreError
 from pipeline.cache.verify import verify_store
 from pipeline.data.shards import DatasetError
@@ -146,10 +146,10 @@ def test_adding_a_teacher_computes_only_that_teacher(reference, shards, tmp_path
 def test_workers_get_only_the_teachers_with_work_left(reference, shards, tmp_path):
     """A teacher complete on every shard is not loaded again on the workers."""
     extra = "test_convnext,img_size=32,batch_size=8"
-    assert [s.teacher_id for s in _teachers_with_work(_job(shards, reference[0], teachers=[*TEACHERS, extra]))] == [
+    assert [s.teacher_id for s in teachers_with_work(_job(shards, reference[0], teachers=[*TEACHERS, extra]))] == [
         "test_convnext"]
-    assert _teachers_with_work(_job(shards, reference[0])) == []
-    assert len(_teachers_with_work(_job(shards, tmp_path / "new.zarr"))) == 2
+    assert teachers_with_work(_job(shards, reference[0])) == []
+    assert len(teachers_with_work(_job(shards, tmp_path / "new.zarr"))) == 2
 
 
 def test_teacher_that_fails_to_load_on_a_worker_fails_its_shards_with_its_error(reference, shards, tmp_path):
