@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from pipeline.cache.report import store_report
 from pipeline.cache.shard_cacher import ShardCacher, ShardResult
-from pipeline.cache.store import CacheConfig, CacheStore, StoreError
+from pipeline.cache.compat import StoreError
+from pipeline.cache.store import CacheConfig, CacheStore
 from pipeline.data.shards import DatasetIndex, index_dataset
 from teachers import Teacher, TeacherSpec, TeacherSpecError, load_teacher
 

@@ -26,7 +26,7 @@ def main() -> None:
 def _clean_errors() -> Iterator[None]:
     """Turn the project's input errors (and OS errors such as a full disk) into one-line CLI errors."""
     from pipeline.data.shards import DatasetError, ImageDecodeError
-    from pipeline.cache.store import StoreError
+    from pipeline.cache.compat import StoreError
     from teachers import TeacherSpecError
 
     try:
@@ -153,7 +153,8 @@ def _float_pair(text: str, flag: str) -> tuple[float, float]:
 
 def _cache_config(store_path: str, options: dict):
     """The run's CacheConfig: flags given on the command line, else the existing store's, else defaults."""
-    from pipeline.cache.store import CacheConfig, CacheStore, StoreError
+    from pipeline.cache.compat import StoreError
+    from pipeline.cache.store import CacheConfig, CacheStore
     from pipeline.data.views import ViewPolicy
 
     defaults = {"views": 8, "topk": 10, "temperatures": "1", "feature_views": None, "center_view": False,

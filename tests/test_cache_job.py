@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from jobs.cache_teachers import CacheJob, ShardWorker, _teachers_with_work, run_cache_job
-from pipeline.cache.store import CacheConfig, CacheStore, StoreError
+from pipeline.cache.compat import StoreError
+from pipeline.cache.store import CacheConfig, CacheStore
 from pipeline.cache.verify import verify_store
 from pipeline.data.shards import DatasetError
 from pipeline.data.views import ViewPolicy

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.cache.store import CacheConfig, CacheStore, ShardSamples, StoreError, TeacherOutputs
+from pipeline.cache.compat import StoreError
+from pipeline.cache.shard_io import ShardSamples, TeacherOutputs
+from pipeline.cache.store import CacheConfig, CacheStore
 from pipeline.data.shards import DatasetIndex, ShardInfo
 from pipeline.data.views import ViewPolicy
 

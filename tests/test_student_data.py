@@ -11,7 +11,8 @@ import torch
 import zarr
 
 from pipeline.cache.shard_cacher import ShardCacher
-from pipeline.cache.store import CacheConfig, CacheStore, StoreError
+from pipeline.cache.compat import StoreError
+from pipeline.cache.store import CacheConfig, CacheStore
 from pipeline.data.make_shards import make_mnist_sample
 from pipeline.data.shards import DatasetError, DatasetIndex, decode_image, index_dataset, iter_shard
 from pipeline.data.views import ViewPolicy, normalize, policy_view, render_view, sample_views

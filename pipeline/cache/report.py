@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import zarr
 
 from pipeline.cache.store import CacheStore
+
+OUTPUT_ARRAYS = ("topk_logits", "topk_index", "logsumexp", "done")  # a teacher's "logits" bytes
 
 
 def teacher_probabilities(topk_logits: np.ndarray, logsumexp_t1: np.ndarray, num_classes: int
@@ -27,6 +30,30 @@ def confidence_and_entropy(topk_logits: np.ndarray, logsumexp_t1: np.ndarray, nu
     return probs[..., 0], entropy
 
 
+def _sizes(group: zarr.Group, names: tuple[str, ...]) -> tuple[int, int]:
+    """(stored, raw) bytes of the arrays of ``group`` named ``names`` (those present)."""
+    arrays = [group[n] for n in names if n in group]
+    return sum(a.nbytes_stored() for a in arrays), sum(a.nbytes for a in arrays)
+
+
+def store_usage(store: CacheStore) -> dict:
+    """Stored and raw bytes: total, and per teacher split into logits (top-k outputs) and features."""
+    report: dict = {"teachers": {}}
+    total_stored, total_raw = _sizes(store.group["samples"], ("key", "label", "valid", "done"))
+    stored, raw = _sizes(store.group["views"], ("box", "flip"))
+    total_stored, total_raw = total_stored + stored, total_raw + raw
+    for tid in store.teacher_ids:
+        group = store.teacher(tid)
+        logits_stored, logits_raw = _sizes(group, OUTPUT_ARRAYS)
+        features_stored, features_raw = _sizes(group, ("features",))
+        report["teachers"][tid] = {"logits_bytes": logits_stored, "logits_raw_bytes": logits_raw,
+                                   "features_bytes": features_stored, "features_raw_bytes": features_raw}
+        total_stored += logits_stored + features_stored
+        total_raw += logits_raw + features_raw
+    report["bytes"], report["raw_bytes"] = total_stored, total_raw
+    return report
+
+
 def _per_view(total_bytes: int, views: int) -> float:
     """Bytes per cached view; 0 when nothing is cached yet (partial chunks are not a per-view cost)."""
     return total_bytes / views if views else 0.0
@@ -41,7 +68,7 @@ def store_report(path: str) -> dict:
     counts = np.array(store.dataset_fingerprint["counts"])
     valid_per_shard = valid.reshape(store.num_shards, store.rows_per_shard).sum(axis=1)
     views = config.views.num_views
-    usage = store.usage()
+    usage = store_usage(store)
     raw_covered = 0
     teachers = {}
     for tid in store.teacher_ids:

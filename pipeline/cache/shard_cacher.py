@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.cache.store import CacheConfig, CacheStore, ShardSamples, TeacherOutputs, index_dtype
+from pipeline.cache.shard_io import ShardSamples, TeacherOutputs
+from pipeline.cache.store import CacheConfig, CacheStore, index_dtype
 from pipeline.data.shards import DatasetError, ImageDecodeError, RawSample, decode_image, hash_keys, iter_shard
 from pipeline.data.views import normalize, render_view, sample_views
 from teachers import Teacher

@@ -40,7 +40,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.cache.store import MAX_LISTED, CacheStore, ShardSamples, TeacherOutputs, listed
+from pipeline.cache.compat import MAX_LISTED, listed
+from pipeline.cache.shard_io import ShardSamples, TeacherOutputs
+from pipeline.cache.store import CacheStore
 from pipeline.data.shards import DatasetError, DatasetIndex, ImageDecodeError, RawSample, decode_image, hash_keys, \
     iter_shard
 from pipeline.data.views import ViewPolicy, center_box, policy_view, render_view
@@ -347,11 +349,7 @@ def _stack(crops: list[torch.Tensor], order: np.ndarray, size: SizeKey) -> torch
 
 
 def _read_teacher(store: CacheStore, teacher_id: str, shard: int, features: bool) -> TeacherOutputs:
-    if features:
-        return store.read_teacher(teacher_id, shard)
-    rows, group = store.shard_rows(shard), store.teacher(teacher_id)
-    return TeacherOutputs(topk_logits=group["topk_logits"][rows], topk_index=group["topk_index"][rows],
-                          logsumexp=group["logsumexp"][rows], features=None)
+    return store.read_teacher(teacher_id, shard, features)
 
 
 def _teacher_targets(outputs: TeacherOutputs, positions: np.ndarray, views: np.ndarray) -> CachedTeacherBatch:
