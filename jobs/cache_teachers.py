@@ -56,7 +56,7 @@ class CacheSummary:
     views: int
     teachers: list[str]
     bytes_on_disk: int
-    bytes_per_view: dict[str, float]  # teacher -> top-k logits + logsumexp bytes per view
+    bytes_per_view: dict[str, float]  # teacher -> top-k log-probabilities + indices + leftover bytes per view
     feature_bytes_per_view: dict[str, float]
     seconds: float
     images_per_second: float  # end to end, start-up included
@@ -70,7 +70,7 @@ class CacheSummary:
                f"teachers: {', '.join(self.teachers)}",
                f"bytes on disk: {self.bytes_on_disk:,}"]
         for tid in self.teachers:
-            line = f"  {tid}: {self.bytes_per_view[tid]:.1f} B/view (top-k + logsumexp)"
+            line = f"  {tid}: {self.bytes_per_view[tid]:.1f} B/view (top-k + leftover)"
             if self.feature_bytes_per_view.get(tid):
                 line += f", {self.feature_bytes_per_view[tid]:.1f} B/view (features)"
             out.append(line)

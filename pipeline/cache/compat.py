@@ -14,7 +14,7 @@ import numpy as np
 from pipeline.data.shards import DatasetIndex
 
 FORMAT = "regla-distill-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_LISTED = 10  # shard names / keys quoted in one error message
 
 
@@ -33,9 +33,26 @@ def check_format(attrs: Mapping[str, Any], path: str) -> None:
     if attrs.get("format") != FORMAT:
         raise StoreError(f"{path} is not a regla-distill teacher cache (no '{FORMAT}' format attribute)")
     version = attrs.get("format_version")
+    if version == 1:
+        raise StoreError(_version_1_message(attrs, path))
     if version != FORMAT_VERSION:
         raise StoreError(f"{path} has format version {version}, "
                          f"this version of regla-distill reads version {FORMAT_VERSION}")
+
+
+def _version_1_message(attrs: Mapping[str, Any], path: str) -> str:
+    """How to rebuild a version-1 store: its view count, k, temperatures, feature views and view seed as flags."""
+    config = attrs.get("config", {})
+    views = config.get("views", {})
+    flags = [f"--{flag} {value}" for flag, value in (
+        ("views", views.get("num_views")), ("topk", config.get("topk")),
+        ("temperatures", ",".join(f"{t:g}" for t in config.get("temperatures", []))),
+        ("feature-views", config.get("feature_views")), ("seed", views.get("seed"))) if value not in (None, "")]
+    teachers = ", ".join(sorted(attrs.get("teachers", {}))) or "none"
+    return (f"{path} is a format-1 teacher cache (fp16 top-k logits + logsumexp, whose leftover mass is wrong "
+            f"for confident teachers), which this version of regla-distill does not read; rebuild it in format "
+            f"{FORMAT_VERSION}: `pipeline cache-teachers --shards SHARDS --store NEW.zarr {' '.join(flags)} "
+            f"--teacher SPEC ...` with the same teachers ({teachers})")
 
 
 def check_dataset(path: str, stored: dict, actual: dict) -> None:

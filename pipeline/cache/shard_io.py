@@ -32,9 +32,9 @@ class ShardSamples:
 class TeacherOutputs:
     """One shard's outputs for one teacher, rows in shard order (length C); each field is the array of that name."""
 
-    topk_logits: np.ndarray  # [C, V, k] float16
+    topk_logprob: np.ndarray  # [C, V, k] float16, log_softmax(logits) of the top-k classes (see topk.py)
     topk_index: np.ndarray  # [C, V, k] int16 or int32
-    logsumexp: np.ndarray  # [C, V, T] float32
+    log_leftover: np.ndarray  # [C, V, T] float32, log of the other classes' mass at each temperature
     features: np.ndarray | None  # [C, V_f, D] float16; None for a teacher without cached features
 
 

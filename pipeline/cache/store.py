@@ -4,9 +4,11 @@ Layout (docs/store-format.md has the full description)::
 
     samples/key [N] str, label [N] int32, valid [N] bool, done [S] bool
     views/box [N, V, 4] float32, flip [N, V] bool
-    teachers/<id>/topk_logits [N, V, k] fp16, topk_index [N, V, k] int16|int32,
-                  logsumexp [N, V, T] fp32, features [N, V_f, D] fp16 (optional),
+    teachers/<id>/topk_logprob [N, V, k] fp16, topk_index [N, V, k] int16|int32,
+                  log_leftover [N, V, T] fp32, features [N, V_f, D] fp16 (optional),
                   done [S] bool
+
+(the top-k encoding is described in ``topk.py``).
 
 Shard ``s`` owns rows ``s*C .. s*C + C - 1`` (C = the largest shard's sample count)
 and every array is chunked by C rows, so each shard's rows are whole chunks and
@@ -262,9 +264,9 @@ def _create_teacher_arrays(group: zarr.Group, num_shards: int, chunk: int, confi
         group.create_array(name, shape=(rows, view_count, width), chunks=(chunk, view_count, width), dtype=dtype,
                            fill_value=0, compressors=_blosc())
 
-    per_view("topk_logits", k, "float16")
+    per_view("topk_logprob", k, "float16")
     per_view("topk_index", k, index_dtype(num_classes))
-    per_view("logsumexp", temps, "float32")
+    per_view("log_leftover", temps, "float32")
     if feature_dim and config.num_feature_views > 0:
         per_view("features", feature_dim, "float16", config.num_feature_views)
     group.create_array("done", shape=(num_shards,), chunks=(1,), dtype="bool", fill_value=False)

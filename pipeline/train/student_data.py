@@ -126,9 +126,9 @@ def _cat(values: list):
 class CachedTeacherBatch:
     """One teacher's cached targets for a batch's (row, view) pairs."""
 
-    topk_logits: torch.Tensor  # [B, k] float32
+    topk_logprob: torch.Tensor  # [B, k] float32, log-probabilities at T = 1
     topk_index: torch.Tensor  # [B, k] int64
-    logsumexp: torch.Tensor  # [B, T] float32, one column per store temperature
+    log_leftover: torch.Tensor  # [B, T] float32, one column per store temperature
     features: torch.Tensor | None = None  # [B, D] float32, zeros where feature_mask is False
     feature_mask: torch.Tensor | None = None  # [B] bool: the view has cached features (view < V_f)
 
@@ -360,9 +360,9 @@ def _teacher_targets(outputs: TeacherOutputs, positions: np.ndarray, views: np.n
         dense[mask] = outputs.features[positions[mask], views[mask]]
         features, mask = torch.from_numpy(dense), torch.from_numpy(mask)
     return CachedTeacherBatch(
-        topk_logits=torch.from_numpy(outputs.topk_logits[positions, views].astype(np.float32)),
+        topk_logprob=torch.from_numpy(outputs.topk_logprob[positions, views].astype(np.float32)),
         topk_index=torch.from_numpy(outputs.topk_index[positions, views].astype(np.int64)),
-        logsumexp=torch.from_numpy(outputs.logsumexp[positions, views].astype(np.float32)),
+        log_leftover=torch.from_numpy(outputs.log_leftover[positions, views].astype(np.float32)),
         features=features, feature_mask=mask)
 
 
