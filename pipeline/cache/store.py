@@ -34,8 +34,8 @@ from pipeline.cache.shard_io import ShardSamples, TeacherOutputs
 from pipeline.data.shards import DatasetIndex
 from pipeline.data.views import ViewPolicy
 
-# Blosc zstd level 5 with byte shuffle compressed real teacher outputs best, or within 1%,
-# for every array; level 9 saves 1-10% more but encodes 10x slower
+# Blosc zstd level 5 with byte shuffle compressed real teacher outputs best (top-k arrays) or
+# within 1.4% (features); level 9 saves 1-11% more but encodes 10x slower
 # (benchmarks/bench_store_compression.py, docs/benchmarks.md).
 def _blosc() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
