@@ -4,9 +4,9 @@ Per view the store keeps the k most probable classes, their log-probabilities at
 (``log_softmax(z)``, fp16), and, for each cached temperature T, the log of the exact mass
 the other C - k classes hold at T (fp32). Both are computed from the full logits in log
 space: a log-probability is <= 0 and near 0 where the mass is, so fp16 rounding moves a
-probability by at most ~0.1% of itself, whatever the logit scale; the leftover is the log
-of a sum taken over log-probabilities, so it never underflows or cancels (``1 - sum(p_i)``
-does, for a confident teacher).
+probability p by at most 2^-11 * |log p| of itself (0.05% at p = 1/e, 0.3% at p = 1e-3),
+whatever the logit scale; the leftover is the log of a sum taken over log-probabilities, so
+it never underflows or cancels (``1 - sum(p_i)`` does, for a confident teacher).
 
 Rebuild at T. Inside the top-k, p_i(T) is proportional to exp(z_i / T), and so to
 exp(lp_i / T) (lp_i = z_i - logsumexp(z)), hence
@@ -17,8 +17,8 @@ exp(lp_i / T) (lp_i = z_i - logsumexp(z)), hence
 which sums to 1, keeps the exact leftover L_T, and spreads it uniformly. It is never the
 teacher renormalised over its top-k (which would put zero mass on the other classes while
 the student is normalised over all C). With k = C, L_T = 0 (log -inf) and q is the exact
-softmax at T. The training loss, ``verify``, ``inspect`` and the precision benchmark all
-rebuild through ``rebuild_log_probs``.
+softmax at T. The training loss, ``verify`` and the precision benchmark rebuild through
+``rebuild_log_probs``; ``inspect`` uses its top-k part, ``topk_log_mass``.
 """
 
 from __future__ import annotations
