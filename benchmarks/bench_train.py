@@ -4,7 +4,7 @@ Same student, batch size, data, threads and training loop (``pipeline.train.trai
 three ways to get the targets, measured side by side in interleaved rounds:
 
 - labels:  label cross-entropy only (``--no-distill``);
-- cached:  KD from two teachers' top-k logits and log-sum-exp, read from the store;
+- cached:  KD from two teachers' top-k log-probabilities and leftover mass, read from the store;
 - online:  KD from the same two teachers run live on the same replayed views;
 - labels_nchw: labels only with ``--no-channels-last``, to measure what NHWC buys.
 

@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pipeline.cache.compat import StoreError
 from pipeline.cache.report import store_report
 from pipeline.cache.shard_cacher import ShardCacher, ShardResult
-from pipeline.cache.store import CacheConfig, CacheStore, StoreError
+from pipeline.cache.store import CacheConfig, CacheStore
 from pipeline.data.shards import DatasetIndex, index_dataset
 from teachers import Teacher, TeacherSpec, TeacherSpecError, load_teacher
 
@@ -56,7 +57,7 @@ class CacheSummary:
     views: int
     teachers: list[str]
     bytes_on_disk: int
-    bytes_per_view: dict[str, float]  # teacher -> top-k logits + logsumexp bytes per view
+    bytes_per_view: dict[str, float]  # teacher -> top-k log-probabilities + indices + leftover bytes per view
     feature_bytes_per_view: dict[str, float]
     seconds: float
     images_per_second: float  # end to end, start-up included
@@ -70,7 +71,7 @@ class CacheSummary:
                f"teachers: {', '.join(self.teachers)}",
                f"bytes on disk: {self.bytes_on_disk:,}"]
         for tid in self.teachers:
-            line = f"  {tid}: {self.bytes_per_view[tid]:.1f} B/view (top-k + logsumexp)"
+            line = f"  {tid}: {self.bytes_per_view[tid]:.1f} B/view (top-k + leftover)"
             if self.feature_bytes_per_view.get(tid):
                 line += f", {self.feature_bytes_per_view[tid]:.1f} B/view (features)"
             out.append(line)

@@ -93,7 +93,7 @@ def plan_run(config: TrainConfig) -> dict[str, Any]:
     if config.store and not config.no_distill:
         teachers, temperatures = plan_cached_teachers(config, dataset)
         if config.temperature not in temperatures:
-            raise ConfigError(f"--temperature {config.temperature}: the store has log-sum-exp only at "
+            raise ConfigError(f"--temperature {config.temperature}: the store has targets only at temperature(s) "
                               f"{', '.join(map(str, temperatures))}")
     heads = {tid: info["num_classes"] for tid, info in teachers.items()}
     for spec in config.online_teachers:

@@ -16,7 +16,7 @@ def main() -> None:
     """Distil several teachers into small ReGLA students.
 
     Each teacher runs once over a sharded WebDataset image dataset and its
-    per-view outputs (top-k logits, pooled features) are cached in a Zarr
+    per-view outputs (top-k log-probabilities, pooled features) are cached in a Zarr
     store; ReGLA students are then trained from that cache as many times as
     needed. Both stages run on Ray.
     """
@@ -26,7 +26,7 @@ def main() -> None:
 def _clean_errors() -> Iterator[None]:
     """Turn the project's input errors (and OS errors such as a full disk) into one-line CLI errors."""
     from pipeline.data.shards import DatasetError, ImageDecodeError
-    from pipeline.cache.store import StoreError
+    from pipeline.cache.compat import StoreError
     from teachers import TeacherSpecError
 
     try:
@@ -153,7 +153,8 @@ def _float_pair(text: str, flag: str) -> tuple[float, float]:
 
 def _cache_config(store_path: str, options: dict):
     """The run's CacheConfig: flags given on the command line, else the existing store's, else defaults."""
-    from pipeline.cache.store import CacheConfig, CacheStore, StoreError
+    from pipeline.cache.compat import StoreError
+    from pipeline.cache.store import CacheConfig, CacheStore
     from pipeline.data.views import ViewPolicy
 
     defaults = {"views": 8, "topk": 10, "temperatures": "1", "feature_views": None, "center_view": False,
@@ -195,7 +196,8 @@ def _cache_config(store_path: str, options: dict):
               help="YAML file with a list of teacher specs (strings or mappings).")
 @click.option("--views", type=click.IntRange(min=1), help="Augmented views per sample.  [default: 8]")
 @click.option("--topk", type=click.IntRange(min=1), help="Logits kept per view and teacher.  [default: 10]")
-@click.option("--temperatures", metavar="T1,T2", help="Temperatures at which log-sum-exp is stored.  [default: 1]")
+@click.option("--temperatures", metavar="T1,T2",
+              help="Temperatures at which the leftover mass is stored (KD temperatures).  [default: 1]")
 @click.option("--feature-views", type=click.IntRange(min=0),
               help="Cache pooled features for the first V_f views only.  [default: all views]")
 @click.option("--center-view/--no-center-view", default=None,
@@ -225,10 +227,11 @@ def cache_teachers(shards: tuple[str, ...], store_path: str, teacher_specs: tupl
     """Run teachers once over the shards and cache their per-view outputs in a Zarr store.
 
     Each sample gets V augmented views (crop box + flip, deterministic from the seed
-    and the sample key); every teacher's top-k logits, log-sum-exp and pooled features
-    on each view are stored. Rerunning the same command resumes (completed shards are
-    skipped); adding a --teacher to an existing store computes only that teacher, on
-    the stored views. View settings not given are taken from an existing store.
+    and the sample key); every teacher's top-k log-probabilities, the exact mass of
+    the other classes and pooled features on each view are stored. Rerunning the
+    same command resumes (completed shards are skipped); adding a --teacher to an
+    existing store computes only that teacher, on the stored views. View settings
+    not given are taken from an existing store.
     """
     from jobs.cache_teachers import CacheJob, run_cache_job
     from teachers import load_teachers_file, parse_teacher_spec
@@ -421,17 +424,34 @@ def inspect_store(store_path: str, as_json: bool, plot: str | None) -> None:
 @click.option("--shards", multiple=True, metavar="URLS",
               help="Where the shards are now, if they moved since caching (same forms as cache-teachers).")
 @click.option("--device", default="cpu", show_default=True, help="Device to run the teachers on.")
-def verify(store_path: str, num_samples: int, seed: int, shards: tuple[str, ...], device: str) -> None:
-    """Recompute random cached entries with live teachers; exit 1 on a mismatch beyond fp16 tolerance."""
-    from pipeline.data.shards import expand_shard_urls
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the per-teacher results (max_kl, max_leftover_rel_error, ...) as JSON.")
+def verify(store_path: str, num_samples: int, seed: int, shards: tuple[str, ...], device: str,
+           as_json: bool) -> None:
+    """Recompute random cached entries with live teachers and compare them with the store.
+
+    Per teacher: top-k log-probabilities, leftover mass, KL(live || rebuilt) of the
+    distribution the training loss rebuilds (at each cached temperature), feature
+    cosine. Exit 1 on a difference beyond fp16 tolerance or a KL above 1e-3 nats.
+    """
     from pipeline.cache.verify import verify_store
+    from pipeline.data.shards import expand_shard_urls
 
     with _clean_errors():
         urls = expand_shard_urls(list(shards)) if shards else None
         report = verify_store(store_path, num_samples=num_samples, seed=seed, shards=urls, device=device)
-    click.echo(f"checked {report.checked} entries: max top-k logit error {report.max_logit_error:.2e}, "
-               f"max logsumexp error {report.max_logsumexp_error:.2e}, "
-               f"min feature cosine {report.min_feature_cosine:.5f}")
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(f"checked {report.checked} entries: "
+                   f"max top-k log-prob error {report.worst('max_logprob_error'):.2e}, "
+                   f"max leftover error {report.worst('max_leftover_rel_error'):.2e}, "
+                   f"max KL {report.worst('max_kl'):.2e} nats, "
+                   f"min feature cosine {report.worst('min_feature_cosine'):.5f}")
+        for tid, t in report.teachers.items():
+            cosine = "" if t.min_feature_cosine is None else f", min feature cosine {t.min_feature_cosine:.5f}"
+            click.echo(f"  {tid}: max KL {t.max_kl:.2e} nats, max leftover error {t.max_leftover_rel_error:.2e}, "
+                       f"max log-prob error {t.max_logprob_error:.2e}{cosine}")
     for line in report.mismatches[:20]:
         click.echo(f"MISMATCH {line}", err=True)
     if not report.ok:

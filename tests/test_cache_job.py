@@ -1,5 +1,6 @@
 """The cache job end to end on an embedded Ray: real tar shards, real teachers, a real Zarr store."""
 import io
+import math
 import tarfile
 
 import numpy as np
@@ -7,13 +8,18 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
-from jobs.cache_teachers import CacheJob, ShardWorker, teachers_with_work, run_cache_job
-from pipeline.cache.store import CacheConfig, CacheStore, StoreError
+from jobs.cache_teachers import CacheJob, ShardWorker, run_cache_job, teachers_with_work
+from pipeline.cache.compat import StoreError
+from pipeline.cache.store import CacheConfig, CacheStore
+from pipeline.cache.topk import kl_divergence
 from pipeline.cache.verify import verify_store
-from pipeline.data.shards import DatasetError
-from pipeline.data.views import ViewPolicy
-from teachers import TeacherSpecError, parse_teacher_spec
+from pipeline.data.images import decode_sample
+from pipeline.data.shards import DatasetError, ImageDecodeError, iter_shard
+from pipeline.data.views import ViewPolicy, normalize, render_view
+from pipeline.train.losses import TeacherTargets
+from teachers import TeacherSpecError, load_teacher, parse_teacher_spec
 
 TEACHERS = ["test_resnet,img_size=32,batch_size=8", "test_vit,img_size=32,batch_size=8,features=false"]
 SHARD_SIZES = (5, 5, 3)
@@ -60,7 +66,7 @@ def _arrays(path):
     store = CacheStore.open(str(path))
     names = ["samples/key", "samples/label", "samples/valid", "views/box", "views/flip"]
     for tid in store.teacher_ids:
-        names += [f"teachers/{tid}/{a}" for a in ("topk_logits", "topk_index", "logsumexp", "features", "done")
+        names += [f"teachers/{tid}/{a}" for a in ("topk_logprob", "topk_index", "log_leftover", "features", "done")
                   if a in store.teacher(tid)]
     return {name: store.group[name][:] for name in names}
 
@@ -92,17 +98,28 @@ def test_uninterrupted_run_fills_every_row(reference, shards):
     assert valid.sum() == 11 and not valid[1, 1] and not valid[1, 3] and not valid[2, 3:].any()
     assert list(arrays["samples/label"][:5]) == [0, 1, 2, 0, 1]
     assert arrays["samples/label"][8] == -1  # no cls
-    logits = arrays["teachers/test_resnet/topk_logits"]
-    assert logits.dtype == np.float16 and np.isfinite(logits).all()
-    # Top-k logits are sorted, and each view of a valid sample got its own outputs.
-    assert (np.diff(logits[arrays["samples/valid"]].astype(np.float32), axis=-1) <= 0).all()
-    assert not np.array_equal(logits[0, 0], logits[0, 1])
-    assert not logits[~arrays["samples/valid"]].any()  # invalid rows stay empty
+    logprob = arrays["teachers/test_resnet/topk_logprob"]
+    valid_rows = arrays["samples/valid"]
+    assert logprob.dtype == np.float16 and np.isfinite(logprob).all() and (logprob[valid_rows] < 0).all()
+    # Top-k log-probabilities are sorted, and each view of a valid sample got its own outputs.
+    assert (np.diff(logprob[valid_rows].astype(np.float32), axis=-1) <= 0).all()
+    assert not np.array_equal(logprob[0, 0], logprob[0, 1])
+    assert not logprob[~valid_rows].any()  # invalid rows stay empty
+    # The leftover: a probability mass in (0, 1) at every temperature (1000 classes, top-5).
+    leftover = np.exp(arrays["teachers/test_resnet/log_leftover"][valid_rows].astype(np.float64))
+    assert leftover.shape[-1] == 2 and ((leftover > 0) & (leftover < 1)).all()
+    top_mass = np.exp(logprob[valid_rows].astype(np.float64)).sum(-1)
+    assert np.allclose(top_mass + leftover[..., 0], 1.0, atol=1e-3)  # at T = 1 they add up to 1
     assert arrays["teachers/test_resnet/features"].shape[1] == 2
     # The outputs are the teachers' live outputs on the stored views.
     report = verify_store(str(path), num_samples=8)
     assert report.ok and report.checked == 16, report.mismatches
-    assert report.max_logit_error < 1e-2 and report.min_feature_cosine > 0.999
+    for tid in ("test_resnet", "test_vit"):
+        check = report.teachers[tid]
+        assert check.checked == 8 and check.max_kl < 1e-6 and check.max_leftover_rel_error < 1e-4
+        assert check.max_logprob_error < 1e-2
+    assert report.teachers["test_resnet"].min_feature_cosine > 0.999
+    assert report.teachers["test_vit"].min_feature_cosine is None  # cached without features
 
 
 def test_resume_after_failed_shard_is_bit_identical(reference, shards, tmp_path):
@@ -202,3 +219,89 @@ def test_shard_whose_keys_differ_from_its_manifest_fails(shards, tmp_path, ray_l
     assert "differ from its manifest" in summary.failed["train-000002.tar"]
     store = CacheStore.open(str(tmp_path / "c.zarr"))
     assert not store.teacher_done("test_resnet")[2] and not store.samples_done()[2]
+
+
+def _confident_resnet(path, images: torch.Tensor) -> None:
+    """Save a 1000-class test_resnet whose head is scaled so that on ``images`` its top logits reach 25-30:
+    20 classes get rows scaled to a median top logit of 27.5, the other 980 to logits of spread ~2."""
+    model = timm.create_model("test_resnet").eval()
+    head = model.get_classifier()
+    strong = torch.randperm(1000, generator=torch.Generator().manual_seed(1))[:20]
+    weak = torch.ones(1000, dtype=torch.bool)
+    weak[strong] = False
+    with torch.no_grad():
+        logits = model(images)
+        scale = torch.full((1000,), 2.0 / float(logits[:, weak].std()))
+        scale[strong] = 27.5 / float(logits[:, strong].amax(-1).median())
+        head.weight.mul_(scale[:, None])
+        head.bias.mul_(scale)
+    save_file(model.state_dict(), str(path))
+
+
+def _topk_target(logits: torch.Tensor, index: torch.Tensor, t: float) -> torch.Tensor:
+    """float64 log-probabilities of the best a top-k cache can hold: the exact probabilities of the classes in
+    ``index``, the exact mass of the others (summed in log space) spread uniformly over them."""
+    log_p = torch.log_softmax(logits.double() / t, dim=-1)
+    rest = torch.logsumexp(log_p.scatter(1, index, -math.inf), dim=-1, keepdim=True) - math.log(
+        logits.shape[-1] - index.shape[-1])
+    return rest.expand_as(log_p).clone().scatter_(1, index, log_p.gather(1, index))
+
+
+def _leftover(log_probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(log_probs.double().scatter(1, index, -math.inf), dim=-1).exp()
+
+
+def test_confident_teacher_is_rebuilt_exactly_from_the_store(shards, tmp_path, ray_local):
+    """A checkpoint with top logits of 25-30 over 1000 classes, cached by the real job: the distribution the
+    training loss rebuilds from the store equals the live softmax's top-k target on the same rendered views
+    (KL < 1e-4 nats, leftover within 1%) at T = 1 and 4, where fp16 logits + logsumexp (format 1) lose it."""
+    samples = [(shard, position, raw) for shard in range(3)
+               for position, raw in enumerate(iter_shard(f"{shards}/train-{shard:06d}.tar"))]
+    images = {}
+    for shard, position, raw in samples:
+        try:
+            images[shard * 5 + position] = decode_sample(raw)
+        except ImageDecodeError:
+            pass
+    cfg = timm.create_model("test_resnet").pretrained_cfg
+    whole = [render_view(image, np.array([0, 0, 1, 1], np.float32), False, (32, 32)) for image in images.values()]
+    weights = tmp_path / "confident.safetensors"
+    _confident_resnet(weights, normalize(torch.stack(whole), cfg["mean"], cfg["std"]))
+    spec = f"test_resnet@{weights},img_size=32,batch_size=8,features=false"
+    summary = run_cache_job(_job(shards, tmp_path / "cache.zarr", teachers=[spec]), progress=False)
+    assert summary.failed == {}
+
+    store = CacheStore.open(str(tmp_path / "cache.zarr"))
+    teacher = load_teacher(parse_teacher_spec(spec))
+    pre = teacher.preprocessing
+    rows = np.flatnonzero(store.cached_rows("test_resnet"))
+    entries = [(row, view) for row in rows for view in range(store.config.views.num_views)]
+    boxes, flips = store.group["views/box"], store.group["views/flip"]
+    crops = [render_view(images[row], boxes[row, view], bool(flips[row, view]), pre.input_size, pre.interpolation)
+             for row, view in entries]
+    live, _ = teacher(normalize(torch.stack(crops), pre.mean, pre.std))
+    top = live.topk(5, dim=-1)
+    assert 25 <= top.values[:, 0].median() <= 30 and (top.values[:, 0] >= 20).all()
+
+    outputs = {shard: store.read_teacher("test_resnet", shard) for shard in range(store.num_shards)}
+    cached = [outputs[row // 5] for row, _ in entries]
+    positions = [(row % 5, view) for row, view in entries]
+    targets = TeacherTargets(
+        topk_logprob=torch.tensor(np.stack([o.topk_logprob[p, v] for o, (p, v) in zip(cached, positions)])).float(),
+        topk_index=torch.tensor(np.stack([o.topk_index[p, v] for o, (p, v) in zip(cached, positions)])).long(),
+        log_leftover=torch.tensor(np.stack([o.log_leftover[p, v] for o, (p, v) in zip(cached, positions)])),
+        temperatures=store.config.temperatures, num_classes=1000)
+    assert torch.equal(targets.topk_index, top.indices)
+    for t in store.config.temperatures:
+        true, rebuilt = _topk_target(live, top.indices, t), targets.log_probs(t)
+        true_leftover = _leftover(true, top.indices)
+        assert kl_divergence(true, rebuilt).max() < 1e-4, t
+        assert ((_leftover(rebuilt, top.indices) / true_leftover - 1).abs() < 0.01).all(), t
+
+    # At T = 1 the teacher is confident: little mass outside the top-5, which format 1 (fp16 top-k logits,
+    # exact logsumexp, leftover = 1 - sum(p)) loses on most views of the same logits.
+    true_leftover = _leftover(_topk_target(live, top.indices, 1.0), top.indices)
+    assert (true_leftover < 1e-2).all()
+    lse = torch.logsumexp(live.double(), dim=-1, keepdim=True)
+    format1_leftover = (1 - (top.values.half().double() - lse).exp().sum(-1)).clamp_min(0)
+    assert ((format1_leftover / true_leftover - 1).abs() > 0.01).float().mean() > 0.5

@@ -204,7 +204,7 @@ def test_cache_teachers_caches_every_image_mode_as_valid_aligned_rows(base_store
     assert "samples: 12 (0 invalid, skipped), views per sample: 2" in out
     assert "teachers: test_resnet, test_convnext" in out
     per_view = dict((m[1], (float(m[2]), float(m[3]))) for m in re.finditer(
-        r"^  (\S+): ([\d.]+) B/view \(top-k \+ logsumexp\), ([\d.]+) B/view \(features\)$", out, re.M))
+        r"^  (\S+): ([\d.]+) B/view \(top-k \+ leftover\), ([\d.]+) B/view \(features\)$", out, re.M))
     assert set(per_view) == set(TIDS) and all(a > 0 and b > 0 for a, b in per_view.values()), out
     assert not re.search(r"^FAILED", out, re.M)
 
@@ -234,14 +234,15 @@ def test_cache_teachers_caches_every_image_mode_as_valid_aligned_rows(base_store
         assert np.array_equal(arrays["views/box"][row], boxes), key
         assert np.array_equal(arrays["views/flip"][row], flips), key
     for tid in TIDS:
-        logits = arrays[f"teachers/{tid}/topk_logits"][valid].astype(np.float32)
-        assert logits.shape == (12, 2, 3) and np.isfinite(logits).all() and (logits != 0).all()
-        assert (np.diff(logits, axis=-1) <= 0).all()
-        assert np.isfinite(arrays[f"teachers/{tid}/logsumexp"][valid]).all()
+        logprob = arrays[f"teachers/{tid}/topk_logprob"][valid].astype(np.float32)
+        assert logprob.shape == (12, 2, 3) and np.isfinite(logprob).all() and (logprob < 0).all()
+        assert (np.diff(logprob, axis=-1) <= 0).all()
+        leftover = arrays[f"teachers/{tid}/log_leftover"][valid]
+        assert leftover.shape == (12, 2, 1) and np.isfinite(leftover).all() and (leftover < 0).all()
         features = arrays[f"teachers/{tid}/features"][valid].astype(np.float32)
         assert np.isfinite(features).all() and (np.abs(features).sum(-1) > 0).all()
         assert arrays[f"teachers/{tid}/done"].all()
-        assert not arrays[f"teachers/{tid}/topk_logits"][~valid].any()  # padding rows stay empty
+        assert not arrays[f"teachers/{tid}/topk_logprob"][~valid].any()  # padding rows stay empty
 
 
 # ---------------------------------------------------------------------------- 2. adding a teacher
@@ -318,26 +319,62 @@ def test_inspect_reports_teachers_views_and_coverage(base_store, tmp_path):
 # ---------------------------------------------------------------------------- 4. verify
 
 
+def corrupt_copy(store, tmp_path, array, change):
+    """A copy of ``store`` with ``change`` applied to row bee/cmyk of ``array`` (plain zarr); returns (path, row)."""
+    path = tmp_path / "corrupt.zarr"
+    shutil.copytree(store, path)
+    group = zarr.open_group(str(path), mode="r+")
+    row = list(group["samples/key"][:]).index("bee/cmyk")
+    values = group[array]
+    values[row] = change(values[row])
+    return path, row
+
+
 def test_verify_passes_on_a_good_store_and_names_a_corrupted_row(base_store, tmp_path):
     """verify recomputes entries live: exit 0 on the cache as written; after +1.0 on one row's cached
-    logits (plain zarr), exit 1 with MISMATCH lines naming exactly that row."""
+    log-probabilities (plain zarr), exit 1 with MISMATCH lines naming exactly that row."""
     result = cli("verify", base_store[0], "--samples", 8)
     assert_ok(result)
     assert "checked 16 entries" in result.output and "MISMATCH" not in result.output
+    for tid in TIDS:
+        assert re.search(rf"^  {tid}: max KL [\d.e+-]+ nats, max leftover error ", result.output, re.M), result.output
 
-    path = tmp_path / "corrupt.zarr"
-    shutil.copytree(base_store[0], path)
-    group = zarr.open_group(str(path), mode="r+")
-    row = list(group["samples/key"][:]).index("bee/cmyk")
-    logits = group["teachers/test_resnet/topk_logits"]
-    logits[row] = logits[row] + np.float16(1.0)
+    path, row = corrupt_copy(base_store[0], tmp_path, "teachers/test_resnet/topk_logprob",
+                             lambda x: x + np.float16(1.0))
 
     result = cli("verify", path, "--samples", 64)  # more than the 12 valid rows: every row is checked
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     mismatches = [line for line in result.output.splitlines() if line.startswith("MISMATCH")]
     assert mismatches, result.output
     assert all(line.startswith(f"MISMATCH test_resnet row {row} (bee/cmyk) view ") for line in mismatches), mismatches
-    assert any("top-k logits differ" in line for line in mismatches)
+    assert any("top-k log-probabilities differ" in line for line in mismatches)
+
+
+def test_verify_json_gives_kl_and_leftover_error_per_teacher_and_fails_above_the_kl_limit(base_store, tmp_path):
+    """--json: max_kl and max_leftover_rel_error per teacher, tiny on the cache as written; a leftover cut
+    by e^3 on one row of one teacher makes that teacher's KL exceed 1e-3: exit 1, a line naming it."""
+    result = cli("verify", base_store[0], "--samples", 8, "--json")
+    assert_ok(result)
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["checked"] == 16 and report["max_kl_allowed"] == 1e-3
+    for tid in TIDS:
+        teacher = report["teachers"][tid]
+        assert teacher["checked"] == 8 and 0 <= teacher["max_kl"] < 1e-6, teacher
+        assert teacher["max_leftover_rel_error"] < 1e-4 and teacher["max_logprob_error"] < 1e-2, teacher
+        assert teacher["min_feature_cosine"] > 0.999, teacher
+
+    path, row = corrupt_copy(base_store[0], tmp_path, "teachers/test_convnext/log_leftover", lambda x: x - 3.0)
+    result = cli("verify", path, "--samples", 64, "--json")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    report = json.loads(result.stdout)
+    assert not report["ok"]
+    corrupted, intact = report["teachers"]["test_convnext"], report["teachers"]["test_resnet"]
+    assert corrupted["max_kl"] > 1e-3 and corrupted["max_leftover_rel_error"] > 0.9, corrupted
+    assert intact["max_kl"] < 1e-6 and intact["max_leftover_rel_error"] < 1e-4, intact
+    kl_lines = [line for line in result.output.splitlines() if line.startswith("MISMATCH") and "KL(" in line]
+    assert kl_lines and all(line.startswith(f"MISMATCH test_convnext row {row} (bee/cmyk) view ") for line in kl_lines)
+    value = float(re.search(r"KL\(live \|\| rebuilt\) ([\d.e+-]+) nats > 0.001", kl_lines[0])[1])
+    assert value > 1e-3 and value <= corrupted["max_kl"]
 
 
 # ---------------------------------------------------------------------------- 5. bad input
@@ -359,8 +396,8 @@ def test_undecodable_and_unlabelled_samples_are_counted_and_rows_stay_aligned(ba
     assert valid == {"k/good0", "k/png", "k/good1"}
     labels = dict(zip(keys, arrays["samples/label"]))
     assert labels["k/nocls"] == -1 and labels["k/trunc"] == 1 and labels["k/noimg"] == 2
-    logits = arrays["teachers/test_resnet/topk_logits"]
-    assert (logits[arrays["samples/valid"]] != 0).all() and not logits[~arrays["samples/valid"]].any()
+    logprob = arrays["teachers/test_resnet/topk_logprob"]
+    assert (logprob[arrays["samples/valid"]] != 0).all() and not logprob[~arrays["samples/valid"]].any()
 
 
 def test_empty_shard_in_the_middle_keeps_later_rows_in_place(bad_store, bad_dataset):
@@ -419,7 +456,7 @@ def test_truncated_tar_behind_a_manifest_fails_only_that_shard(dataset, tmp_path
     arrays = store_arrays(store)
     assert list(arrays["teachers/test_resnet/done"]) == [True, False, True]
     assert list(arrays["samples/done"]) == [True, False, True]
-    assert not arrays["samples/key"][5:10].any() and not arrays["teachers/test_resnet/topk_logits"][5:10].any()
+    assert not arrays["samples/key"][5:10].any() and not arrays["teachers/test_resnet/topk_logprob"][5:10].any()
 
 
 def test_duplicate_keys_across_shards_fail_before_the_store_is_created(tmp_path, ray_local):
@@ -456,6 +493,25 @@ def test_inspect_and_verify_on_a_missing_path(command, tmp_path):
     missing = tmp_path / "missing.zarr"
     assert_clean_error(cli(command, missing), "no teacher cache", str(missing))
     assert not missing.exists()
+
+
+@pytest.mark.parametrize("command", ["cache-teachers", "train-student", "inspect", "verify"])
+def test_version_1_store_is_refused_with_how_to_rebuild_it(command, dataset, tmp_path, version_1_store, ray_local):
+    """A format-1 store (written with plain zarr) is never read: every command that opens a store exits 1
+    with one line saying how to rebuild it, and leaves it as it was."""
+    from pipeline.data.shards import index_dataset
+
+    path = version_1_store(tmp_path / "v1.zarr", index_dataset(dataset["manifest"]), teacher_ids=TIDS)
+    before = file_mtimes(path, ".")
+    args = {"cache-teachers": ["--shards", dataset["manifest"], "--teacher", TEACHERS[0], *RUN_ARGS],
+            "train-student": ["--shards", dataset["manifest"], "--out", tmp_path / "run", "--epochs", 1],
+            "inspect": [], "verify": []}[command]
+    store_arg = ["--store", path] if command in ("cache-teachers", "train-student") else [path]
+    error = assert_clean_error(cli(command, *store_arg, *args), f"{path} is a format-1 teacher cache",
+                               "--store NEW.zarr --views 2 --topk 3 --temperatures 1", "(test_convnext, test_resnet)")
+    assert "`pipeline cache-teachers --shards SHARDS" in error
+    assert file_mtimes(path, ".") == before and store_attrs(path)["format_version"] == 1
+    assert not (tmp_path / "run").exists()
 
 
 def test_store_from_another_dataset_is_refused(base_store, dataset, tmp_path, ray_local):
@@ -533,7 +589,7 @@ def test_no_bytes_per_view_is_claimed_for_a_teacher_with_nothing_cached(full_dis
     result, done, report = full_disk_run
     if done is None or done.any():
         pytest.skip("the full-disk run did not leave a teacher with zero completed shards")
-    match = re.search(r"^  test_resnet: ([\d.]+) B/view \(top-k \+ logsumexp\)", result.output, re.M)
+    match = re.search(r"^  test_resnet: ([\d.]+) B/view \(top-k \+ leftover\)", result.output, re.M)
     assert match is None or float(match[1]) == 0.0, result.output
     teacher = report["teachers"]["test_resnet"]
     assert teacher["samples_covered"] == 0

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.cache.topk import encode_topk, kl_divergence, leftover_log_mass
 from pipeline.train.losses import (
     DistillLoss,
     DistillLossConfig,
@@ -25,13 +26,30 @@ TEMPS = (1.0, 4.0)
 
 
 def cached_targets(logits: torch.Tensor, k: int, temperatures=TEMPS, features=None, feature_mask=None):
-    """Targets stored like the cache stores them: fp16 top-k logits, fp32 logsumexp of the full logits."""
-    values, index = logits.topk(k, dim=-1)
-    temps = torch.tensor(temperatures)
-    lse = torch.logsumexp(logits[:, None, :] / temps[None, :, None], dim=-1)
-    return TeacherTargets(topk_logits=values.half().float(), topk_index=index.to(torch.int16), logsumexp=lse,
-                          temperatures=temperatures, num_classes=logits.shape[-1], features=features,
-                          feature_mask=feature_mask)
+    """Targets as the cache encodes and stores them: fp16 top-k log-probabilities, fp32 log leftover."""
+    encoded = encode_topk(logits, k, temperatures)
+    return TeacherTargets(topk_logprob=encoded.logprob.float(), topk_index=encoded.index.to(torch.int16),
+                          log_leftover=encoded.log_leftover, temperatures=temperatures,
+                          num_classes=logits.shape[-1], features=features, feature_mask=feature_mask)
+
+
+def topk_target(logits: torch.Tensor, k: int, t: float) -> torch.Tensor:
+    """What top-k targets should be at temperature t, in float64: the exact probabilities of the top-k
+    classes, and the exact mass of the others spread uniformly over them (summed in log space: 1 - sum(top)
+    cancels even in float64)."""
+    log_p = F.log_softmax(logits.double() / t, dim=-1)
+    index = logits.topk(k, dim=-1).indices
+    rest = torch.logsumexp(log_p.scatter(1, index, -math.inf), dim=-1, keepdim=True) - math.log(logits.shape[-1] - k)
+    return rest.expand_as(log_p).clone().scatter_(1, index, log_p.gather(1, index))
+
+
+def confident_logits(batch: int, classes: int, top: float, seed: int = 0) -> torch.Tensor:
+    """Other logits N(0, 2), one class per row at ``top`` +- 0.5 (not a round fp16 value): a confident teacher."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, classes, generator=g) * 2
+    rows, columns = torch.arange(batch), torch.randint(0, classes, (batch,), generator=g)
+    logits[rows, columns] = top + torch.rand(batch, generator=g) - 0.5
+    return logits
 
 
 def reference_kd(student, teacher, t):
@@ -44,7 +62,7 @@ def test_cached_kd_with_all_classes_equals_full_logit_kd(t):
     teacher, student = torch.randn(8, 50) * 3, torch.randn(8, 50) * 3
     expected = reference_kd(student, teacher, t)
     cached = kd_loss(student, cached_targets(teacher, k=50).log_probs(t), t)
-    assert torch.allclose(cached, expected, rtol=5e-3, atol=1e-3)  # fp16 logits: ~5e-4 relative each
+    assert torch.allclose(cached, expected, rtol=5e-3, atol=1e-3)  # fp16 log-probabilities: ~5e-4 relative each
     online = kd_loss(student, TeacherTargets.from_logits(teacher, temperatures=TEMPS).log_probs(t), t)
     assert torch.allclose(online, expected, rtol=1e-6, atol=1e-6)  # float32 rounding only
     assert (expected > 1e-3).all()  # a non-trivial comparison
@@ -54,8 +72,8 @@ def test_rebuilt_distribution_keeps_exact_topk_mass_and_uniform_leftover():
     logits = torch.randn(6, 20) * 2
     k = 5
     values, index = logits.topk(k, dim=-1)
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    targets = TeacherTargets(topk_logits=values, topk_index=index, logsumexp=lse, temperatures=(1.0,),
+    targets = TeacherTargets(topk_logprob=F.log_softmax(logits, -1).gather(1, index), topk_index=index,
+                             log_leftover=leftover_log_mass(logits, index, (1.0,)), temperatures=(1.0,),
                              num_classes=20)
     p = targets.log_probs(1.0).exp()
     assert torch.allclose(p.sum(-1), torch.ones(6), atol=1e-6)
@@ -70,8 +88,29 @@ def test_rebuilt_distribution_keeps_exact_topk_mass_and_uniform_leftover():
     assert not torch.allclose(p, renormalised, atol=1e-3)
 
 
+@pytest.mark.parametrize("top", [16.0, 24.0, 32.0])
+@pytest.mark.parametrize("t", TEMPS)
+def test_confident_teacher_keeps_its_exact_leftover(top, t):
+    """Top logit 16-32 over 1000 classes: fp16 rounding of a raw top logit is as large as the whole leftover
+    mass, but the stored log-probabilities and log leftover rebuild it to float32 precision."""
+    logits, k = confident_logits(64, 1000, top), 10
+    rebuilt = cached_targets(logits, k).log_probs(t).double()
+    true = topk_target(logits, k, t)
+    index = logits.topk(k, dim=-1).indices
+    others = torch.ones_like(rebuilt, dtype=torch.bool).scatter_(1, index, False)
+    leftover = rebuilt.exp()[others].view(64, -1).sum(-1)
+    true_leftover = true.exp()[others].view(64, -1).sum(-1)
+    assert ((leftover / true_leftover - 1).abs() < 1e-3).all()
+    assert kl_divergence(true, rebuilt).max() < 1e-5
+    assert torch.allclose(rebuilt.exp().sum(-1), torch.ones(64, dtype=torch.float64), atol=1e-5)
+    if t == 1.0:  # the same logits stored raw in fp16 beside an exact logsumexp lose the leftover (format 1)
+        raw = logits.topk(k, dim=-1).values.half().double() - torch.logsumexp(logits.double(), -1, keepdim=True)
+        raw_leftover = (1 - raw.exp().sum(-1)).clamp_min(0)
+        assert (raw_leftover / true_leftover - 1).abs().median() > 0.1
+
+
 def test_fp16_overshoot_and_peaked_teacher_stay_finite():
-    # A teacher so peaked that the leftover mass underflows, with fp16 rounding pushing top-1 above 1.
+    # A teacher so peaked that the leftover mass is far below float32's smallest number.
     logits = torch.full((4, 10), -1e4)
     logits[:, 0] = 30.0
     targets = cached_targets(logits, k=3, temperatures=(1.0,))
@@ -167,7 +206,7 @@ def test_distill_loss_gradients_and_parts():
     features = torch.randn(8, 6, requires_grad=True)
     targets = {"a": _teacher_batch(seed=1), "b": _teacher_batch(seed=2)}
     for t in targets.values():
-        t.topk_logits.requires_grad_(True)
+        t.topk_logprob.requires_grad_(True)
         t.features.requires_grad_(True)
     total, parts = loss_fn(logits, features, torch.randint(0, 10, (8,)), targets)
     assert set(parts) == {"label", "kd/a", "kd/b", "feat/a", "total"}
@@ -177,7 +216,7 @@ def test_distill_loss_gradients_and_parts():
     total.backward()
     assert logits.grad.abs().sum() > 0 and features.grad.abs().sum() > 0
     assert loss_fn.projectors["a"].fc1.weight.grad.abs().sum() > 0
-    assert all(t.topk_logits.grad is None and t.features.grad is None for t in targets.values())
+    assert all(t.topk_logprob.grad is None and t.features.grad is None for t in targets.values())
     assert "projectors.a.fc1.weight" in loss_fn.state_dict() and "standardizers.a.mean" in loss_fn.state_dict()
 
 

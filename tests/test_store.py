@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.cache.store import CacheConfig, CacheStore, ShardSamples, StoreError, TeacherOutputs
+from pipeline.cache.compat import StoreError
+from pipeline.cache.shard_io import ShardSamples, TeacherOutputs
+from pipeline.cache.store import CacheConfig, CacheStore
 from pipeline.data.shards import DatasetIndex, ShardInfo
 from pipeline.data.views import ViewPolicy
 
@@ -33,9 +35,9 @@ def _samples(shard, rows):
 
 def _outputs(shard, rows, dim=D):
     rng = np.random.default_rng(100 + shard)
-    return TeacherOutputs(topk_logits=rng.standard_normal((rows, V, K)).astype(np.float16),
+    return TeacherOutputs(topk_logprob=-rng.random((rows, V, K)).astype(np.float16),
                           topk_index=rng.integers(0, 10, (rows, V, K)).astype(np.int16),
-                          logsumexp=rng.standard_normal((rows, V, 2)).astype(np.float32),
+                          log_leftover=-rng.random((rows, V, 2)).astype(np.float32),
                           features=rng.standard_normal((rows, V, dim)).astype(np.float16))
 
 
@@ -59,27 +61,27 @@ def test_layout_is_shard_aligned_and_readable_with_plain_zarr(tmp_path):
     _write_shard(store.path, 1)
 
     root = zarr.open_group(store.path, mode="r")  # plain zarr, no project code
-    assert root.attrs["format_version"] == 1
+    assert root.attrs["format_version"] == 2
     assert root.attrs["dataset"]["fingerprint"]["counts"] == [5, 5, 2]
     assert root.attrs["config"]["topk"] == K and root.attrs["config"]["temperatures"] == [1.0, 4.0]
     expected = {"samples/key": (15,), "samples/label": (15,), "samples/valid": (15,), "samples/done": (3,),
-                "views/box": (15, V, 4), "views/flip": (15, V), "teachers/t/topk_logits": (15, V, K),
-                "teachers/t/topk_index": (15, V, K), "teachers/t/logsumexp": (15, V, 2),
+                "views/box": (15, V, 4), "views/flip": (15, V), "teachers/t/topk_logprob": (15, V, K),
+                "teachers/t/topk_index": (15, V, K), "teachers/t/log_leftover": (15, V, 2),
                 "teachers/t/features": (15, V, D), "teachers/t/done": (3,)}
     for name, shape in expected.items():
         array = root[name]
         assert array.shape == shape, name
         assert array.chunks[0] == (1 if name.endswith("done") else 5), name
-    assert root["teachers/t/topk_logits"].dtype == np.float16
+    assert root["teachers/t/topk_logprob"].dtype == np.float16
     assert root["teachers/t/topk_index"].dtype == np.int16
     assert root["teachers/t/features"].dtype == np.float16
     assert list(root["samples/key"][5:10]) == [f"s1/{i}" for i in range(5)]
     assert list(root["samples/done"][:]) == [False, True, False]
     assert list(root["teachers/t/done"][:]) == [False, True, False]
     # Writing shard 1 created exactly chunk 1 of each row-chunked array, nothing else.
-    chunk_files = sorted(os.listdir(os.path.join(store.path, "teachers/t/topk_logits/c")))
+    chunk_files = sorted(os.listdir(os.path.join(store.path, "teachers/t/topk_logprob/c")))
     assert chunk_files == ["1"]
-    meta = json.load(open(os.path.join(store.path, "teachers/t/topk_logits/zarr.json")))
+    meta = json.load(open(os.path.join(store.path, "teachers/t/topk_logprob/zarr.json")))
     blosc = [c for c in meta["codecs"] if c["name"] == "blosc"][0]["configuration"]
     assert blosc["cname"] == "zstd"
 
@@ -89,7 +91,7 @@ def test_round_trip_and_padding_rows(tmp_path):
     for shard in range(3):
         _write_shard(store.path, shard)
     outputs = store.read_teacher("t", 2)
-    assert np.array_equal(outputs.topk_logits, _outputs(2, 5).topk_logits)
+    assert np.array_equal(outputs.topk_logprob, _outputs(2, 5).topk_logprob)
     samples = store.read_samples(0)
     assert np.array_equal(samples.boxes, _samples(0, 5).boxes)
     assert store.teacher_done("t").all() and store.samples_done().all()
@@ -147,3 +149,28 @@ def test_missing_or_foreign_store_is_a_clear_error(tmp_path):
         CacheStore.open(str(tmp_path / "other.zarr"))
     with pytest.raises(StoreError, match="not a regla-distill teacher cache"):
         CacheStore.open_or_create(str(tmp_path / "other.zarr"), _dataset(), _config())
+
+
+def test_version_1_store_is_refused_with_how_to_rebuild_it(tmp_path, version_1_store):
+    """A format-1 store (fp16 raw logits) is never read, whichever way it is opened; the store is left as it was."""
+    path = version_1_store(tmp_path / "v1.zarr", _dataset(), teacher_ids=("vit", "resnet50"), views=V, topk=K,
+                           temperatures=(1.0, 4.0))
+    for open_store in (lambda: CacheStore.open(path), lambda: CacheStore.open(path, mode="r+"),
+                       lambda: CacheStore.open_or_create(path, _dataset(), _config())):
+        with pytest.raises(StoreError) as error:
+            open_store()
+        message = str(error.value)
+        assert "\n" not in message and message.startswith(f"{path} is a format-1 teacher cache")
+        assert (f"rebuild it in format 2: `pipeline cache-teachers --shards SHARDS --store NEW.zarr --views {V} "
+                f"--topk {K} --temperatures 1,4 --feature-views {V} --seed 0 --teacher SPEC ...` with the same "
+                "teachers (resnet50, vit)") in message
+    root = zarr.open_group(path, mode="r")
+    assert root.attrs["format_version"] == 1 and "topk_logits" in root["teachers/vit"]
+    assert "topk_logprob" not in root["teachers/vit"]
+
+
+def test_store_of_an_unknown_version_is_refused(tmp_path):
+    store = _new_store(tmp_path)
+    zarr.open_group(store.path, mode="r+").attrs["format_version"] = 3
+    with pytest.raises(StoreError, match="has format version 3, this version of regla-distill reads version 2"):
+        CacheStore.open(store.path)

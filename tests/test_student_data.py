@@ -10,8 +10,9 @@ import timm
 import torch
 import zarr
 
+from pipeline.cache.compat import StoreError
 from pipeline.cache.shard_cacher import ShardCacher
-from pipeline.cache.store import CacheConfig, CacheStore, StoreError
+from pipeline.cache.store import CacheConfig, CacheStore
 from pipeline.data.make_shards import make_mnist_sample
 from pipeline.data.shards import DatasetError, DatasetIndex, decode_image, index_dataset, iter_shard
 from pipeline.data.views import ViewPolicy, normalize, policy_view, render_view, sample_views
@@ -104,10 +105,10 @@ def test_replayed_view_is_the_cached_view(data):
     # The teacher, re-run on the replayed views, gives the cached top-k logits: the same crops.
     for batch in batches:
         logits, _ = teacher(normalize(batch.images, pre.mean, pre.std))
-        values, index = logits.topk(TOPK, dim=-1)
+        values, index = logits.log_softmax(-1).topk(TOPK, dim=-1)
         cached = batch.teachers[RESNET]
         assert torch.equal(index, cached.topk_index)
-        torch.testing.assert_close(values, cached.topk_logits, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(values, cached.topk_logprob, rtol=2e-3, atol=2e-3)
 
     # Any other student resolution replays the same boxes; extra sizes come back as the teacher's crops.
     extra = (*pre.input_size, pre.interpolation)
@@ -127,7 +128,7 @@ def test_replayed_view_is_the_cached_view(data):
 def test_joined_targets_belong_to_their_row_and_view(data):
     group = data["group"]
     arrays = {(tid, name): group[f"teachers/{tid}/{name}"][:] for tid in (RESNET, VIT)
-              for name in ("topk_logits", "topk_index", "logsumexp")}
+              for name in ("topk_logprob", "topk_index", "log_leftover")}
     features, labels = group[f"teachers/{RESNET}/features"][:], group["samples/label"][:]
     config = StreamConfig(batch_size=32, seed=1, crops_per_image=2, teacher_ids=(RESNET, VIT))
     stream = StudentStream(data["dataset"], data["store"], _student(), config)
@@ -143,9 +144,9 @@ def test_joined_targets_belong_to_their_row_and_view(data):
         assert np.array_equal(batch.labels.numpy(), labels[rows])
         for tid in (RESNET, VIT):
             got = batch.teachers[tid]
-            assert np.array_equal(got.topk_logits.numpy(), arrays[tid, "topk_logits"][rows, views].astype(np.float32))
+            assert np.array_equal(got.topk_logprob.numpy(), arrays[tid, "topk_logprob"][rows, views].astype(np.float32))
             assert np.array_equal(got.topk_index.numpy(), arrays[tid, "topk_index"][rows, views])
-            assert np.array_equal(got.logsumexp.numpy(), arrays[tid, "logsumexp"][rows, views])
+            assert np.array_equal(got.log_leftover.numpy(), arrays[tid, "log_leftover"][rows, views])
         resnet = batch.teachers[RESNET]
         mask = views < FEATURE_VIEWS
         assert np.array_equal(resnet.feature_mask.numpy(), mask)
@@ -272,6 +273,13 @@ def test_refuses_a_store_of_another_dataset(data):
     subset = DatasetIndex(shards=data["dataset"].shards[:3], class_names=data["dataset"].class_names)
     with pytest.raises(StoreError, match=r"another dataset: shard names differ \(store has 8 shards, dataset has 3"):
         StudentStream(subset, data["store"], _student(), StreamConfig(batch_size=8))
+
+
+def test_refuses_a_version_1_store(data, tmp_path, version_1_store):
+    """A format-1 store of the very same shards is refused, not read with format-2 arithmetic."""
+    path = version_1_store(tmp_path / "v1.zarr", data["dataset"], teacher_ids=(RESNET,))
+    with pytest.raises(StoreError, match=r"is a format-1 teacher cache .*rebuild it in format 2"):
+        StudentStream(data["dataset"], path, _student(), StreamConfig(batch_size=8, teacher_ids=(RESNET,)))
 
 
 def test_key_mismatch_names_shard_position_and_keys(data, tmp_path):

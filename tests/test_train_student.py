@@ -142,7 +142,7 @@ def _base(data, out):
     (["--num-classes", 12], "the student has 12 classes, but teacher(s) 'test_convnext' have 10"),
     (["--num-classes", 5], "manifest names 10 classes, more than the student's 5"),
     (["--teacher", "vit_huge"], "no teacher 'vit_huge'; it holds test_convnext, test_resnet"),
-    (["--temperature", 4], "log-sum-exp only at 1.0, 2.0"),
+    (["--temperature", 4], "targets only at temperature(s) 1.0, 2.0"),
 ])
 def test_bad_input_is_a_clear_error(data, tmp_path, extra, message):
     result = _cli(*_base(data, tmp_path / "run"), *extra)

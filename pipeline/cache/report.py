@@ -3,28 +3,61 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
+import zarr
 
 from pipeline.cache.store import CacheStore
+from pipeline.cache.topk import topk_log_mass
+
+OUTPUT_ARRAYS = ("topk_logprob", "topk_index", "log_leftover", "done")  # a teacher's "logits" bytes
 
 
-def teacher_probabilities(topk_logits: np.ndarray, logsumexp_t1: np.ndarray, num_classes: int
-                          ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k probabilities [..., k] and the mass left for each other class [...] (temperature 1)."""
-    probs = np.exp(topk_logits.astype(np.float64) - logsumexp_t1[..., None])
-    probs = np.minimum(probs, 1.0)
-    rest = np.clip(1.0 - probs.sum(-1), 0.0, 1.0)
-    others = max(1, num_classes - topk_logits.shape[-1])
-    return probs, rest / others
+def confidence_and_entropy(topk_logprob: np.ndarray, log_leftover: np.ndarray, num_classes: int,
+                           temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Max probability and entropy (nats) [...] of the distribution the cache encodes at ``temperature``.
+
+    ``topk_logprob`` [..., k] and ``log_leftover`` [...] (at that temperature) as stored; the
+    distribution is the one the training loss rebuilds (top-k probabilities, leftover spread uniformly).
+    """
+    log_top = topk_log_mass(torch.from_numpy(topk_logprob).double(), torch.from_numpy(log_leftover).double(),
+                            temperature).numpy()
+    confidence, entropy = np.exp(log_top[..., 0]), _entropy_terms(log_top).sum(-1)
+    others = num_classes - topk_logprob.shape[-1]
+    if others > 0:  # each other class holds leftover / others
+        log_other = log_leftover.astype(np.float64) - np.log(others)
+        confidence = np.maximum(confidence, np.exp(log_other))
+        entropy += others * _entropy_terms(log_other)
+    return confidence, entropy
 
 
-def confidence_and_entropy(topk_logits: np.ndarray, logsumexp_t1: np.ndarray, num_classes: int
-                           ) -> tuple[np.ndarray, np.ndarray]:
-    """Max probability and entropy (nats) of the distribution the cache encodes."""
-    probs, other = teacher_probabilities(topk_logits, logsumexp_t1, num_classes)
-    others = num_classes - topk_logits.shape[-1]
-    entropy = -(probs * np.log(np.maximum(probs, 1e-12))).sum(-1)
-    entropy -= others * other * np.log(np.maximum(other, 1e-12))
-    return probs[..., 0], entropy
+def _entropy_terms(log_p: np.ndarray) -> np.ndarray:
+    """-p log p, 0 where p is 0."""
+    p = np.exp(log_p)
+    return -p * np.where(p > 0, log_p, 0.0)
+
+
+def _sizes(group: zarr.Group, names: tuple[str, ...]) -> tuple[int, int]:
+    """(stored, raw) bytes of the arrays of ``group`` named ``names`` (those present)."""
+    arrays = [group[n] for n in names if n in group]
+    return sum(a.nbytes_stored() for a in arrays), sum(a.nbytes for a in arrays)
+
+
+def store_usage(store: CacheStore) -> dict:
+    """Stored and raw bytes: total, and per teacher split into logits (top-k outputs) and features."""
+    report: dict = {"teachers": {}}
+    total_stored, total_raw = _sizes(store.group["samples"], ("key", "label", "valid", "done"))
+    stored, raw = _sizes(store.group["views"], ("box", "flip"))
+    total_stored, total_raw = total_stored + stored, total_raw + raw
+    for tid in store.teacher_ids:
+        group = store.teacher(tid)
+        logits_stored, logits_raw = _sizes(group, OUTPUT_ARRAYS)
+        features_stored, features_raw = _sizes(group, ("features",))
+        report["teachers"][tid] = {"logits_bytes": logits_stored, "logits_raw_bytes": logits_raw,
+                                   "features_bytes": features_stored, "features_raw_bytes": features_raw}
+        total_stored += logits_stored + features_stored
+        total_raw += logits_raw + features_raw
+    report["bytes"], report["raw_bytes"] = total_stored, total_raw
+    return report
 
 
 def _per_view(total_bytes: int, views: int) -> float:
@@ -41,7 +74,7 @@ def store_report(path: str) -> dict:
     counts = np.array(store.dataset_fingerprint["counts"])
     valid_per_shard = valid.reshape(store.num_shards, store.rows_per_shard).sum(axis=1)
     views = config.views.num_views
-    usage = store.usage()
+    usage = store_usage(store)
     raw_covered = 0
     teachers = {}
     for tid in store.teacher_ids:
@@ -102,6 +135,12 @@ def format_report(report: dict) -> list[str]:
     return lines
 
 
+def _plot_temperature(temperatures: tuple[float, ...]) -> tuple[int, float]:
+    """(column, temperature) shown by the plot: T = 1 if cached, else the first cached temperature."""
+    column = next((i for i, t in enumerate(temperatures) if t == 1.0), 0)
+    return column, temperatures[column]
+
+
 def plot_store(path: str, png: str, max_rows: int = 100_000) -> None:
     """Per-teacher confidence and entropy histograms and the teachers' top-1 agreement matrix."""
     import matplotlib
@@ -111,6 +150,7 @@ def plot_store(path: str, png: str, max_rows: int = 100_000) -> None:
 
     store = CacheStore.open(path)
     ids = store.teacher_ids
+    column, temperature = _plot_temperature(store.config.temperatures)
     rows = {tid: np.flatnonzero(store.cached_rows(tid))[:max_rows] for tid in ids}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     top1 = {}
@@ -118,14 +158,15 @@ def plot_store(path: str, png: str, max_rows: int = 100_000) -> None:
         group = store.teacher(tid)
         if not len(rows[tid]):
             continue
-        logits = group["topk_logits"].get_orthogonal_selection((rows[tid], slice(None), slice(None)))
-        lse = group["logsumexp"].get_orthogonal_selection((rows[tid], slice(None), 0))
-        confidence, entropy = confidence_and_entropy(logits, lse, store.teacher_record(tid)["num_classes"])
+        logprob = group["topk_logprob"].get_orthogonal_selection((rows[tid], slice(None), slice(None)))
+        leftover = group["log_leftover"].get_orthogonal_selection((rows[tid], slice(None), column))
+        confidence, entropy = confidence_and_entropy(logprob, leftover, store.teacher_record(tid)["num_classes"],
+                                                     temperature)
         axes[0].hist(confidence.ravel(), bins=50, range=(0, 1), alpha=0.5, label=tid)
         axes[1].hist(entropy.ravel(), bins=50, alpha=0.5, label=tid)
         top1[tid] = group["topk_index"].get_orthogonal_selection((rows[tid], slice(None), 0))
-    axes[0].set(title="confidence (max probability)", xlabel="p", ylabel="views")
-    axes[1].set(title="entropy", xlabel="nats")
+    axes[0].set(title=f"confidence (max probability, T={temperature:g})", xlabel="p", ylabel="views")
+    axes[1].set(title=f"entropy (T={temperature:g})", xlabel="nats")
     for ax in axes[:2]:
         ax.legend()
     agreement = np.full((len(ids), len(ids)), np.nan)

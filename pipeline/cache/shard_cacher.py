@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.cache.store import CacheConfig, CacheStore, ShardSamples, TeacherOutputs, index_dtype
+from pipeline.cache.shard_io import ShardSamples, TeacherOutputs
+from pipeline.cache.store import CacheConfig, CacheStore, index_dtype
+from pipeline.cache.topk import encode_topk
 from pipeline.data.images import decode_jpegs_on_device, decode_sample
 from pipeline.data.shards import DatasetError, ImageDecodeError, RawSample, hash_keys, iter_shard
 from pipeline.data.views import normalize, render_view, sample_views, stack_views
@@ -45,13 +47,12 @@ class TeacherBatcher:
         views, k = config.views.num_views, config.topk
         self.feature_views = config.num_feature_views if teacher.spec.features else 0
         self.outputs = TeacherOutputs(
-            topk_logits=np.zeros((rows, views, k), np.float16),
+            topk_logprob=np.zeros((rows, views, k), np.float16),
             topk_index=np.zeros((rows, views, k), index_dtype(teacher.num_classes)),
-            logsumexp=np.zeros((rows, views, len(config.temperatures)), np.float32),
+            log_leftover=np.zeros((rows, views, len(config.temperatures)), np.float32),
             features=(np.zeros((rows, self.feature_views, teacher.feature_dim), np.float16)
                       if self.feature_views else None),
         )
-        self.temperatures = torch.tensor(config.temperatures, dtype=torch.float32)
         self._crops: list[torch.Tensor] = []
         self._slots: list[tuple[int, int]] = []
 
@@ -67,25 +68,19 @@ class TeacherBatcher:
         pre = self.teacher.preprocessing
         batch = normalize(stack_views(self._crops), pre.mean, pre.std)
         logits, features = self.teacher(batch)
-        logits, features = logits.float().cpu(), features.float().cpu()
-        values, indices = logits.topk(self.config.topk, dim=-1)
-        lse = torch.logsumexp(logits[:, None, :] / self.temperatures[None, :, None], dim=-1)
+        encoded = encode_topk(logits, self.config.topk, self.config.temperatures)  # on the teacher's device
+        features = features.float().cpu()
         rows = np.array([r for r, _ in self._slots])
         views = np.array([v for _, v in self._slots])
         out = self.outputs
-        out.topk_logits[rows, views] = values.numpy().astype(np.float16)
-        out.topk_index[rows, views] = indices.numpy().astype(out.topk_index.dtype)
-        out.logsumexp[rows, views] = lse.numpy()
+        out.topk_logprob[rows, views] = encoded.logprob.cpu().numpy()
+        out.topk_index[rows, views] = encoded.index.cpu().numpy().astype(out.topk_index.dtype)
+        out.log_leftover[rows, views] = encoded.log_leftover.cpu().numpy()
         if out.features is not None:
             keep = views < self.feature_views
             out.features[rows[keep], views[keep]] = features.numpy()[keep].astype(np.float16)
         self._crops.clear()
         self._slots.clear()
-
-
-def decode_to_tensor(raw: RawSample, device: torch.device) -> torch.Tensor:
-    """uint8 [3, H, W] on ``device``, decoded on the CPU (the reference path)."""
-    return decode_sample(raw).to(device)
 
 
 def _empty_samples(rows: int, views: int) -> ShardSamples:

@@ -4,9 +4,11 @@ Layout (docs/store-format.md has the full description)::
 
     samples/key [N] str, label [N] int32, valid [N] bool, done [S] bool
     views/box [N, V, 4] float32, flip [N, V] bool
-    teachers/<id>/topk_logits [N, V, k] fp16, topk_index [N, V, k] int16|int32,
-                  logsumexp [N, V, T] fp32, features [N, V_f, D] fp16 (optional),
+    teachers/<id>/topk_logprob [N, V, k] fp16, topk_index [N, V, k] int16|int32,
+                  log_leftover [N, V, T] fp32, features [N, V_f, D] fp16 (optional),
                   done [S] bool
+
+(the top-k encoding is described in ``topk.py``).
 
 Shard ``s`` owns rows ``s*C .. s*C + C - 1`` (C = the largest shard's sample count)
 and every array is chunked by C rows, so each shard's rows are whole chunks and
@@ -20,27 +22,23 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from pipeline.cache import shard_io
+from pipeline.cache.compat import (FORMAT, FORMAT_VERSION, StoreError, check_config, check_dataset, check_format,
+                                   check_has_teacher, check_same_teacher, check_shards_done)
+from pipeline.cache.shard_io import ShardSamples, TeacherOutputs
 from pipeline.data.shards import DatasetIndex
 from pipeline.data.views import ViewPolicy
 
-FORMAT = "regla-distill-teacher-cache"
-FORMAT_VERSION = 1
-
-# Blosc zstd level 5 with byte shuffle compressed real teacher outputs best, or within 1%,
-# for every array; level 9 saves 1-10% more but encodes 10x slower
+# Blosc zstd level 5 with byte shuffle compressed real teacher outputs best (top-k arrays) or
+# within 1.4% (features); level 9 saves 1-11% more but encodes 10x slower
 # (benchmarks/bench_store_compression.py, docs/benchmarks.md).
 def _blosc() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
-
-
-class StoreError(ValueError):
-    """A store that is missing, malformed, or incompatible with the requested run."""
 
 
 @dataclass(frozen=True)
@@ -75,27 +73,6 @@ class CacheConfig:
                    feature_views=int(d["feature_views"]))
 
 
-@dataclass
-class TeacherOutputs:
-    """One shard's outputs for one teacher, rows in shard order (length C)."""
-
-    topk_logits: np.ndarray  # [C, V, k] float16
-    topk_index: np.ndarray  # [C, V, k] int16 or int32
-    logsumexp: np.ndarray  # [C, V, T] float32
-    features: np.ndarray | None  # [C, V_f, D] float16
-
-
-@dataclass
-class ShardSamples:
-    """One shard's sample rows (length C; rows past the shard's end are padding)."""
-
-    keys: np.ndarray  # [C] str
-    labels: np.ndarray  # [C] int32, -1 where unknown
-    valid: np.ndarray  # [C] bool
-    boxes: np.ndarray  # [C, V, 4] float32
-    flips: np.ndarray  # [C, V] bool
-
-
 def index_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.int16) if num_classes <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
 
@@ -110,54 +87,20 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-MAX_LISTED = 10  # shard names / keys quoted in one error message
-
-
-def listed(names: list[str]) -> str:
-    """The first MAX_LISTED names, comma-separated, saying how many there are in all if more."""
-    more = f", ... ({len(names)} in all)" if len(names) > MAX_LISTED else ""
-    return ", ".join(names[:MAX_LISTED]) + more
-
-
-def _fingerprint_difference(stored: dict, actual: dict) -> str:
-    """The first way two dataset fingerprints differ: shard names, then counts, then keys."""
-    if stored.get("shards") != actual.get("shards"):
-        a, b = list(stored.get("shards", [])), list(actual.get("shards", []))
-        i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        return (f"shard names differ (store has {len(a)} shards, dataset has {len(b)}; first difference at "
-                f"shard {i}: store has {a[i] if i < len(a) else None!r}, dataset has {b[i] if i < len(b) else None!r})")
-    if stored.get("counts") != actual.get("counts"):
-        diff = [f"{name}: store has {x}, dataset has {y}"
-                for name, x, y in zip(actual["shards"], stored["counts"], actual["counts"]) if x != y]
-        return f"sample counts differ ({listed(diff)})"
-    return "the sample keys differ (keys_sha256 of the same shards and counts)"
-
-
-def _describe_difference(name: str, stored: Any, requested: Any) -> str:
-    if isinstance(stored, dict) and isinstance(requested, dict):
-        keys = sorted(k for k in set(stored) | set(requested) if stored.get(k) != requested.get(k))
-        detail = "; ".join(f"{k}: store has {stored.get(k)!r}, this run has {requested.get(k)!r}" for k in keys)
-    else:
-        detail = f"store has {stored!r}, this run has {requested!r}"
-    return f"{name} differs ({detail})"
-
-
 class CacheStore:
     """A teacher cache opened from a path or fsspec URL.
 
     The driver creates the store and its teacher groups; workers open it and write
-    whole shards (``write_samples``, ``write_teacher``); readers use the arrays.
+    whole shards (``write_samples``, ``write_teacher``); readers use the arrays. Whether
+    a store may be used is decided in ``compat.py``, a shard's rows are read and
+    written by ``shard_io.py``; this class knows where things are.
     """
 
     def __init__(self, group: zarr.Group, path: str):
         self.group = group
         self.path = path
         attrs = group.attrs.asdict()
-        if attrs.get("format") != FORMAT:
-            raise StoreError(f"{path} is not a regla-distill teacher cache (no '{FORMAT}' format attribute)")
-        if attrs.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{path} has format version {attrs.get('format_version')}, "
-                             f"this version of regla-distill reads version {FORMAT_VERSION}")
+        check_format(attrs, path)
         self.config = CacheConfig.from_dict(attrs["config"])
         self.dataset_fingerprint: dict = attrs["dataset"]["fingerprint"]
         self.rows_per_shard: int = attrs["dataset"]["rows_per_shard"]
@@ -178,20 +121,7 @@ class CacheStore:
     @classmethod
     def create(cls, path: str, dataset: DatasetIndex, config: CacheConfig) -> CacheStore:
         group = zarr.open_group(path, mode="w-", zarr_format=3)
-        rows, chunk, num_shards = dataset.num_rows, dataset.rows_per_shard, len(dataset.shards)
-        views = config.views.num_views
-        samples = group.create_group("samples")
-        samples.create_array("key", shape=(rows,), chunks=(chunk,), dtype=str, fill_value="")
-        samples.create_array("label", shape=(rows,), chunks=(chunk,), dtype="int32", fill_value=-1)
-        samples.create_array("valid", shape=(rows,), chunks=(chunk,), dtype="bool", fill_value=False)
-        samples.create_array("done", shape=(num_shards,), chunks=(1,), dtype="bool", fill_value=False)
-        view_group = group.create_group("views")
-        view_group.create_array("box", shape=(rows, views, 4), chunks=(chunk, views, 4), dtype="float32",
-                                fill_value=0.0, compressors=_blosc())
-        view_group.create_array("flip", shape=(rows, views), chunks=(chunk, views), dtype="bool",
-                                fill_value=False)
-        view_group.attrs.update(config.views.to_dict())
-        group.create_group("teachers")
+        _create_sample_arrays(group, dataset, config)
         group.attrs.update({
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -200,7 +130,7 @@ class CacheStore:
             "config": config.to_dict(),
             "dataset": {
                 "fingerprint": dataset.fingerprint(),
-                "rows_per_shard": chunk,
+                "rows_per_shard": dataset.rows_per_shard,
                 "num_samples": dataset.num_samples,
                 "class_names": list(dataset.class_names) if dataset.class_names else None,
                 "urls": [s.url for s in dataset.shards],
@@ -221,39 +151,24 @@ class CacheStore:
         store.check_compatible(dataset, config)
         return store
 
+    # ----- checks (compat.py) ---------------------------------------------------
+
     def check_compatible(self, dataset: DatasetIndex, config: CacheConfig) -> None:
         """Refuse to mix: the dataset and the view/output settings must be the store's."""
         self.check_dataset(dataset)
-        if config.to_dict() != self.config.to_dict():
-            stored, requested = self.config.to_dict(), config.to_dict()
-            raise StoreError(f"store {self.path} was built with other settings: "
-                             + _describe_difference("configuration", stored, requested)
-                             + "; use the store's settings or a new --store")
+        check_config(self.path, self.config.to_dict(), config.to_dict())
 
     def check_dataset(self, dataset: DatasetIndex) -> None:
         """Refuse shards other than those the store was built from (names, counts, keys)."""
-        fingerprint = dataset.fingerprint()
-        if fingerprint != self.dataset_fingerprint:
-            raise StoreError(f"store {self.path} was built from another dataset: "
-                             + _fingerprint_difference(self.dataset_fingerprint, fingerprint))
+        check_dataset(self.path, self.dataset_fingerprint, dataset.fingerprint())
 
     def check_ready(self, dataset: DatasetIndex, teacher_ids: list[str] | tuple[str, ...]) -> None:
         """Refuse to train from this store unless it is of ``dataset`` and complete for every teacher asked for."""
         self.check_dataset(dataset)
-        used = [s for s, info in enumerate(dataset.shards) if info.num_samples > 0]
-        missing = [dataset.shards[s].name for s, done in zip(used, self.samples_done()[used]) if not done]
-        if missing:
-            raise StoreError(f"store {self.path} has no sample rows for {len(missing)} shard(s): {listed(missing)}; "
-                             "finish it with `pipeline cache-teachers`")
+        check_shards_done(self.path, dataset, self.samples_done())
         for tid in teacher_ids:
-            if tid not in self.teacher_ids:
-                raise StoreError(f"store {self.path} has no teacher {tid!r}; "
-                                 f"it holds {', '.join(self.teacher_ids) or 'none'}")
-            done = self.teacher_done(tid)
-            missing = [dataset.shards[s].name for s in used if not done[s]]
-            if missing:
-                raise StoreError(f"teacher {tid!r} is not complete in store {self.path}: {len(missing)} shard(s) "
-                                 f"missing: {listed(missing)}; finish it with `pipeline cache-teachers`")
+            check_has_teacher(self.path, tid, self.teacher_ids)
+            check_shards_done(self.path, dataset, self.teacher_done(tid), tid)
 
     # ----- layout ---------------------------------------------------------------
 
@@ -277,40 +192,6 @@ class CacheStore:
     def teacher(self, teacher_id: str) -> zarr.Group:
         return self.group[f"teachers/{teacher_id}"]
 
-    # ----- teachers -------------------------------------------------------------
-
-    def add_teacher(self, teacher_id: str, record: dict, num_classes: int, feature_dim: int,
-                    features: bool) -> None:
-        """Create the arrays of a new teacher, or check that an existing one is the same teacher."""
-        teachers = self.attrs["teachers"]
-        if teacher_id in teachers:
-            if teachers[teacher_id] != record:
-                raise StoreError(f"store {self.path} already has a teacher '{teacher_id}' that differs: "
-                                 + _describe_difference(f"teacher '{teacher_id}'", teachers[teacher_id], record)
-                                 + "; give this teacher another id (',id=NAME') or use a new --store")
-            return
-        rows, chunk = self.num_shards * self.rows_per_shard, self.rows_per_shard
-        views, k = self.config.views.num_views, self.config.topk
-        if k > num_classes:
-            raise StoreError(f"--topk {k} exceeds teacher '{teacher_id}''s {num_classes} classes")
-        group = self.group["teachers"].create_group(teacher_id)
-        group.create_array("topk_logits", shape=(rows, views, k), chunks=(chunk, views, k), dtype="float16",
-                           fill_value=0.0, compressors=_blosc())
-        group.create_array("topk_index", shape=(rows, views, k), chunks=(chunk, views, k),
-                           dtype=index_dtype(num_classes), fill_value=0, compressors=_blosc())
-        temps = len(self.config.temperatures)
-        group.create_array("logsumexp", shape=(rows, views, temps), chunks=(chunk, views, temps),
-                           dtype="float32", fill_value=0.0, compressors=_blosc())
-        feature_views = self.config.num_feature_views
-        if features and feature_views > 0:
-            group.create_array("features", shape=(rows, feature_views, feature_dim),
-                               chunks=(chunk, feature_views, feature_dim), dtype="float16", fill_value=0.0,
-                               compressors=_blosc())
-        group.create_array("done", shape=(self.num_shards,), chunks=(1,), dtype="bool", fill_value=False)
-        group.attrs.update(record)
-        teachers[teacher_id] = record
-        self.group.attrs["teachers"] = teachers
-
     def teacher_done(self, teacher_id: str) -> np.ndarray:
         return self.teacher(teacher_id)["done"][:]
 
@@ -321,58 +202,74 @@ class CacheStore:
     def samples_done(self) -> np.ndarray:
         return self.group["samples/done"][:]
 
-    # ----- shard writes (one writer per shard) -------------------------------------
+    def add_teacher(self, teacher_id: str, record: dict, num_classes: int, feature_dim: int,
+                    features: bool) -> None:
+        """Create the arrays of a new teacher, or check that an existing one is the same teacher."""
+        teachers = self.attrs["teachers"]
+        if teacher_id in teachers:
+            check_same_teacher(self.path, teacher_id, teachers[teacher_id], record)
+            return
+        if self.config.topk > num_classes:
+            raise StoreError(f"--topk {self.config.topk} exceeds teacher '{teacher_id}''s {num_classes} classes")
+        group = self.group["teachers"].create_group(teacher_id)
+        _create_teacher_arrays(group, self.num_shards, self.rows_per_shard, self.config, num_classes,
+                               feature_dim if features else 0)
+        group.attrs.update(record)
+        teachers[teacher_id] = record
+        self.group.attrs["teachers"] = teachers
+
+    # ----- shard reads and writes (shard_io.py; one writer per shard) ---------------
 
     def write_samples(self, shard: int, samples: ShardSamples) -> None:
-        rows = self.shard_rows(shard)
-        self.group["samples/key"][rows] = samples.keys
-        self.group["samples/label"][rows] = samples.labels
-        self.group["samples/valid"][rows] = samples.valid
-        self.group["views/box"][rows] = samples.boxes
-        self.group["views/flip"][rows] = samples.flips
+        shard_io.write_samples(self.group, self.shard_rows(shard), samples)
         self.group["samples/done"][shard] = True
 
     def read_samples(self, shard: int) -> ShardSamples:
-        rows = self.shard_rows(shard)
-        return ShardSamples(keys=self.group["samples/key"][rows], labels=self.group["samples/label"][rows],
-                            valid=self.group["samples/valid"][rows], boxes=self.group["views/box"][rows],
-                            flips=self.group["views/flip"][rows])
+        return shard_io.read_samples(self.group, self.shard_rows(shard))
 
     def write_teacher(self, teacher_id: str, shard: int, outputs: TeacherOutputs) -> None:
-        rows, group = self.shard_rows(shard), self.teacher(teacher_id)
-        group["topk_logits"][rows] = outputs.topk_logits
-        group["topk_index"][rows] = outputs.topk_index
-        group["logsumexp"][rows] = outputs.logsumexp
-        if "features" in group and outputs.features is not None:
-            group["features"][rows] = outputs.features
+        group = self.teacher(teacher_id)
+        shard_io.write_teacher(group, self.shard_rows(shard), outputs)
         group["done"][shard] = True
 
-    def usage(self) -> dict:
-        """Stored and raw bytes: total, and per teacher split into logits (top-k + logsumexp) and features."""
-        def sizes(group: zarr.Group, names: tuple[str, ...]) -> tuple[int, int]:
-            arrays = [group[n] for n in names if n in group]
-            return sum(a.nbytes_stored() for a in arrays), sum(a.nbytes for a in arrays)
+    def read_teacher(self, teacher_id: str, shard: int, features: bool = True) -> TeacherOutputs:
+        return shard_io.read_teacher(self.teacher(teacher_id), self.shard_rows(shard), features)
 
-        report: dict = {"teachers": {}}
-        total_stored, total_raw = sizes(self.group["samples"], ("key", "label", "valid", "done"))
-        stored, raw = sizes(self.group["views"], ("box", "flip"))
-        total_stored, total_raw = total_stored + stored, total_raw + raw
-        for tid in self.teacher_ids:
-            group = self.teacher(tid)
-            logits_stored, logits_raw = sizes(group, ("topk_logits", "topk_index", "logsumexp", "done"))
-            features_stored, features_raw = sizes(group, ("features",))
-            report["teachers"][tid] = {"logits_bytes": logits_stored, "logits_raw_bytes": logits_raw,
-                                       "features_bytes": features_stored, "features_raw_bytes": features_raw}
-            total_stored += logits_stored + features_stored
-            total_raw += logits_raw + features_raw
-        report["bytes"], report["raw_bytes"] = total_stored, total_raw
-        return report
 
-    def read_teacher(self, teacher_id: str, shard: int) -> TeacherOutputs:
-        rows, group = self.shard_rows(shard), self.teacher(teacher_id)
-        return TeacherOutputs(topk_logits=group["topk_logits"][rows], topk_index=group["topk_index"][rows],
-                              logsumexp=group["logsumexp"][rows],
-                              features=group["features"][rows] if "features" in group else None)
+# ----- the arrays ---------------------------------------------------------------
+
+
+def _create_sample_arrays(group: zarr.Group, dataset: DatasetIndex, config: CacheConfig) -> None:
+    rows, chunk, num_shards = dataset.num_rows, dataset.rows_per_shard, len(dataset.shards)
+    views = config.views.num_views
+    samples = group.create_group("samples")
+    samples.create_array("key", shape=(rows,), chunks=(chunk,), dtype=str, fill_value="")
+    samples.create_array("label", shape=(rows,), chunks=(chunk,), dtype="int32", fill_value=-1)
+    samples.create_array("valid", shape=(rows,), chunks=(chunk,), dtype="bool", fill_value=False)
+    samples.create_array("done", shape=(num_shards,), chunks=(1,), dtype="bool", fill_value=False)
+    view_group = group.create_group("views")
+    view_group.create_array("box", shape=(rows, views, 4), chunks=(chunk, views, 4), dtype="float32",
+                            fill_value=0.0, compressors=_blosc())
+    view_group.create_array("flip", shape=(rows, views), chunks=(chunk, views), dtype="bool", fill_value=False)
+    view_group.attrs.update(config.views.to_dict())
+    group.create_group("teachers")
+
+
+def _create_teacher_arrays(group: zarr.Group, num_shards: int, chunk: int, config: CacheConfig, num_classes: int,
+                           feature_dim: int) -> None:
+    """A teacher's arrays, chunked by shard; ``feature_dim`` 0: no features."""
+    rows, views, k, temps = num_shards * chunk, config.views.num_views, config.topk, len(config.temperatures)
+
+    def per_view(name: str, width: int, dtype, view_count: int = views) -> None:
+        group.create_array(name, shape=(rows, view_count, width), chunks=(chunk, view_count, width), dtype=dtype,
+                           fill_value=0, compressors=_blosc())
+
+    per_view("topk_logprob", k, "float16")
+    per_view("topk_index", k, index_dtype(num_classes))
+    per_view("log_leftover", temps, "float32")
+    if feature_dim and config.num_feature_views > 0:
+        per_view("features", feature_dim, "float16", config.num_feature_views)
+    group.create_array("done", shape=(num_shards,), chunks=(1,), dtype="bool", fill_value=False)
 
 
 def _exists(path: str) -> bool:
@@ -380,4 +277,3 @@ def _exists(path: str) -> bool:
 
     fs, root = fsspec.core.url_to_fs(path)
     return fs.exists(root)
-

@@ -27,9 +27,9 @@ def _cat(values: list):
 class CachedTeacherBatch:
     """One teacher's cached targets for a batch's (row, view) pairs."""
 
-    topk_logits: torch.Tensor  # [B, k] float32
+    topk_logprob: torch.Tensor  # [B, k] float32, log-probabilities at T = 1
     topk_index: torch.Tensor  # [B, k] int64
-    logsumexp: torch.Tensor  # [B, T] float32, one column per store temperature
+    log_leftover: torch.Tensor  # [B, T] float32, one column per store temperature
     features: torch.Tensor | None = None  # [B, D] float32, zeros where feature_mask is False
     feature_mask: torch.Tensor | None = None  # [B] bool: the view has cached features (view < V_f)
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.cache.store import CacheStore, ShardSamples, TeacherOutputs
+from pipeline.cache.shard_io import ShardSamples, TeacherOutputs
+from pipeline.cache.store import CacheStore
 from pipeline.data.images import decode_sample
 from pipeline.data.shards import DatasetError, DatasetIndex, ImageDecodeError, RawSample, ShardInfo, hash_keys, \
     iter_shard
@@ -232,7 +233,7 @@ class ChunkRenderer:
         if shard not in self._rows:
             store = self.store
             self._rows[shard] = (store.read_samples(shard),
-                                 {tid: read_teacher(store, tid, shard, self.spec.features)
+                                 {tid: store.read_teacher(tid, shard, self.spec.features)
                                   for tid in self.spec.teacher_ids})
             while len(self._rows) > self.max_open_shards:
                 self._rows.popitem(last=False)
@@ -241,14 +242,6 @@ class ChunkRenderer:
     def _close(self, shard: int) -> None:
         self._readers.pop(shard, None)
         self._rows.pop(shard, None)
-
-
-def read_teacher(store: CacheStore, teacher_id: str, shard: int, features: bool) -> TeacherOutputs:
-    if features:
-        return store.read_teacher(teacher_id, shard)
-    rows, group = store.shard_rows(shard), store.teacher(teacher_id)
-    return TeacherOutputs(topk_logits=group["topk_logits"][rows], topk_index=group["topk_index"][rows],
-                          logsumexp=group["logsumexp"][rows], features=None)
 
 
 def teacher_targets(outputs: TeacherOutputs, positions: np.ndarray, views: np.ndarray) -> CachedTeacherBatch:
@@ -260,9 +253,9 @@ def teacher_targets(outputs: TeacherOutputs, positions: np.ndarray, views: np.nd
         dense[mask] = outputs.features[positions[mask], views[mask]]
         features, mask = torch.from_numpy(dense), torch.from_numpy(mask)
     return CachedTeacherBatch(
-        topk_logits=torch.from_numpy(outputs.topk_logits[positions, views].astype(np.float32)),
+        topk_logprob=torch.from_numpy(outputs.topk_logprob[positions, views].astype(np.float32)),
         topk_index=torch.from_numpy(outputs.topk_index[positions, views].astype(np.int64)),
-        logsumexp=torch.from_numpy(outputs.logsumexp[positions, views].astype(np.float32)),
+        log_leftover=torch.from_numpy(outputs.log_leftover[positions, views].astype(np.float32)),
         features=features, feature_mask=mask)
 
 

@@ -1,13 +1,13 @@
 """Distillation losses: label CE, logit KD from cached top-k targets, feature KD, teacher dropping, mixing.
 
-Cached logit targets (see ``pipeline/cache/shard_cacher.py``) hold, per sample and view, the
-raw top-k logits, their class indices and ``logsumexp(logits / T)`` over *all* classes
-for each cached temperature T. That gives each top-k class its exact probability
-``exp(logit / T - lse_T)`` and the exact leftover mass of the other C - k classes,
-which is spread uniformly over them. The teacher is never renormalised over its top-k:
-the student is normalised over all C classes, so a renormalised teacher would push the
-student towards a sharper distribution than the teacher's. With k = C the cached loss
-equals the live loss up to the fp16 rounding of the stored logits.
+Cached logit targets (store format 2, ``pipeline/cache/topk.py``) hold, per sample and view,
+the top-k classes, their log-probabilities at T = 1 and, for each cached temperature T, the
+log of the exact mass left to the other C - k classes. That gives each top-k class its
+exact probability at T and spreads the exact leftover uniformly over the other classes, at
+any logit scale. The teacher is never renormalised over its top-k: the student is
+normalised over all C classes, so a renormalised teacher would push the student towards a
+sharper distribution than the teacher's. With k = C the cached loss equals the live loss
+up to the fp16 rounding of the stored log-probabilities.
 
 Multi-teacher KD sums each teacher's weighted logit and feature losses. With teacher
 dropping (UNIC, Sariyildiz et al. 2024) the teacher with the highest loss on a sample is
@@ -29,14 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# log of the smallest positive float32: keeps "zero" teacher mass finite so that
-# p * log p stays 0 instead of 0 * -inf = NaN.
-LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate near both ends (Maechler 2012)."""
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+from pipeline.cache.topk import rebuild_log_probs
 
 
 def mix_log_probs(log_probs: torch.Tensor, lam: float) -> torch.Tensor:
@@ -52,9 +45,9 @@ def mix_log_probs(log_probs: torch.Tensor, lam: float) -> torch.Tensor:
 class TeacherTargets:
     """One teacher's targets for one batch (tensors on the training device)."""
 
-    topk_logits: torch.Tensor  # [B, k] float32, raw logits of the top-k classes (not divided by T)
+    topk_logprob: torch.Tensor  # [B, k] float32, log_softmax(logits) (T = 1) of the top-k classes
     topk_index: torch.Tensor  # [B, k] int64 class indices
-    logsumexp: torch.Tensor  # [B, T] float32, logsumexp(full_logits / t) for each t in temperatures
+    log_leftover: torch.Tensor  # [B, T] float32, log of the other classes' mass at each t; -inf when k = C
     temperatures: tuple[float, ...]
     num_classes: int
     features: torch.Tensor | None = None  # [B, D] float32 pooled teacher features
@@ -62,11 +55,11 @@ class TeacherTargets:
 
     def __post_init__(self) -> None:
         self.temperatures = tuple(float(t) for t in self.temperatures)
-        batch, k = self.topk_logits.shape
+        batch, k = self.topk_logprob.shape
         if self.topk_index.shape != (batch, k):
-            raise ValueError(f"topk_index shape {tuple(self.topk_index.shape)} != topk_logits shape {(batch, k)}")
-        if self.logsumexp.shape != (batch, len(self.temperatures)):
-            raise ValueError(f"logsumexp shape {tuple(self.logsumexp.shape)} != (batch, num temperatures) "
+            raise ValueError(f"topk_index shape {tuple(self.topk_index.shape)} != topk_logprob shape {(batch, k)}")
+        if self.log_leftover.shape != (batch, len(self.temperatures)):
+            raise ValueError(f"log_leftover shape {tuple(self.log_leftover.shape)} != (batch, num temperatures) "
                              f"{(batch, len(self.temperatures))}")
         if not 0 < k <= self.num_classes:
             raise ValueError(f"top-k size {k} must be in [1, num_classes={self.num_classes}]")
@@ -81,22 +74,22 @@ class TeacherTargets:
         """Full-logit targets (k = num_classes) from a live ("online") teacher forward."""
         logits = logits.detach().float()
         batch, num_classes = logits.shape
-        temps = torch.tensor(temperatures, dtype=torch.float32, device=logits.device)
-        lse = torch.logsumexp(logits[:, None, :] / temps[None, :, None], dim=-1)
         index = torch.arange(num_classes, device=logits.device).expand(batch, num_classes)
-        return cls(topk_logits=logits, topk_index=index, logsumexp=lse, temperatures=tuple(temperatures),
-                   num_classes=num_classes, features=None if features is None else features.detach().float())
+        nothing_left = torch.full((batch, len(temperatures)), -math.inf, device=logits.device)
+        return cls(topk_logprob=F.log_softmax(logits, dim=-1), topk_index=index, log_leftover=nothing_left,
+                   temperatures=tuple(temperatures), num_classes=num_classes,
+                   features=None if features is None else features.detach().float())
 
     @property
     def batch_size(self) -> int:
-        return self.topk_logits.shape[0]
+        return self.topk_logprob.shape[0]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TeacherTargets:
         def move(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x.to(device, non_blocking=non_blocking)
 
-        return replace(self, topk_logits=move(self.topk_logits), topk_index=move(self.topk_index),
-                       logsumexp=move(self.logsumexp), features=move(self.features),
+        return replace(self, topk_logprob=move(self.topk_logprob), topk_index=move(self.topk_index),
+                       log_leftover=move(self.log_leftover), features=move(self.features),
                        feature_mask=move(self.feature_mask))
 
     def _temperature_index(self, temperature: float) -> int:
@@ -107,32 +100,23 @@ class TeacherTargets:
                          f"{list(self.temperatures)}")
 
     def log_probs(self, temperature: float, lam: float = 1.0) -> torch.Tensor:
-        """Teacher log-distribution [B, C] at ``temperature``, rebuilt from top-k + logsumexp.
+        """Teacher log-distribution [B, C] at ``temperature``, rebuilt from the top-k encoding.
 
-        Top-k class i gets log p_i = topk_logit_i / T - lse_T; the leftover mass
-        1 - sum(p_i) (clamped at 0: fp16 rounding can push the sum slightly above 1)
-        is spread uniformly over the C - k other classes. Never renormalised over the top-k.
-        ``lam < 1`` mixes the distribution with the reversed batch (see ``mix_log_probs``).
+        Top-k class i gets (1 - L_T) * softmax(topk_logprob / T)_i, each of the C - k other
+        classes L_T / (C - k), with L_T the stored leftover (``pipeline.cache.topk``). Never
+        renormalised over the top-k. ``lam < 1`` mixes the distribution with the reversed
+        batch (see ``mix_log_probs``).
         """
         # Targets are constants: detached so no gradient ever reaches a teacher.
-        lse = self.logsumexp[:, self._temperature_index(temperature)].detach().float()
-        topk = (self.topk_logits.detach().float() / temperature - lse[:, None]).clamp_max(0.0)
-        batch, k = topk.shape
-        others = self.num_classes - k
-        if others > 0:
-            covered = torch.logsumexp(topk, dim=-1).clamp_max(0.0)  # log sum of the top-k probabilities
-            leftover = (_log1mexp(covered) - math.log(others)).clamp_min(LOG_FLOOR)
-            out = leftover[:, None].expand(batch, self.num_classes).clone()
-        else:
-            out = topk.new_empty(batch, self.num_classes)
-        out.scatter_(1, self.topk_index.long(), topk)
+        leftover = self.log_leftover[:, self._temperature_index(temperature)].detach()
+        out = rebuild_log_probs(self.topk_logprob.detach(), self.topk_index, leftover, self.num_classes, temperature)
         return mix_log_probs(out, lam)
 
     def mixed_features(self, lam: float = 1.0) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(features, mask) mixed with the reversed batch; a mixed sample has features only if both halves do."""
         mask = self.feature_mask
         if mask is None:
-            mask = torch.ones(self.batch_size, dtype=torch.bool, device=self.topk_logits.device)
+            mask = torch.ones(self.batch_size, dtype=torch.bool, device=self.topk_logprob.device)
         features = None if self.features is None else self.features.detach().float()
         if lam >= 1.0 or features is None:
             return features, mask

@@ -37,7 +37,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.cache.store import MAX_LISTED, CacheStore, listed
+from pipeline.cache.compat import MAX_LISTED, listed
+from pipeline.cache.store import CacheStore
 from pipeline.data.shards import DatasetError, DatasetIndex
 from pipeline.data.views import ViewPolicy
 from pipeline.train.batches import SizeKey, SlotPool, StudentBatch

@@ -13,7 +13,7 @@ from teachers import Teacher, load_teacher, parse_teacher_spec
 
 def cached_targets(batch: StudentBatch, temperatures: tuple[float, ...], num_classes: int,
                    device: torch.device) -> dict[str, TeacherTargets]:
-    return {tid: TeacherTargets(topk_logits=t.topk_logits, topk_index=t.topk_index, logsumexp=t.logsumexp,
+    return {tid: TeacherTargets(topk_logprob=t.topk_logprob, topk_index=t.topk_index, log_leftover=t.log_leftover,
                                 temperatures=temperatures, num_classes=num_classes, features=t.features,
                                 feature_mask=t.feature_mask).to(device)
             for tid, t in batch.teachers.items()}
