@@ -304,8 +304,12 @@ class StudentStream:
                         if done is not None:
                             arrived[done] = True
                 slot = slot_of.pop(read, None)
-                if slot is not None:  # None: the image did not decode (no store)
-                    yield slot
+                if slot is None:
+                    shard, position = int(plan.shard[read]), int(plan.position[read])
+                    if position not in self._failed.get(shard, ()):  # only an undecodable image may drop out
+                        raise RuntimeError(f"shard {shard} position {position}: its chunk came back without it")
+                    continue
+                yield slot
         finally:
             self._pool.release(list(slot_of.values()))
             runner.discard(list(in_flight))  # an abandoned pass's results must not be taken for a later one's
