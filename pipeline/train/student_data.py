@@ -171,7 +171,7 @@ class StudentStream:
         self._pool = SlotPool(config.shuffle_buffer + 4 * config.batch_size)
         self._next_task_id = 0
         # Without a store: which positions were decoded, and which failed (learned as the stream goes).
-        self._seen: dict[int, set[int]] = {}
+        self._seen: dict[int, np.ndarray] = {}  # shard -> bool [C]
         self._failed: dict[int, set[int]] = {}
         self._steps = self._count_steps()
 
@@ -362,12 +362,12 @@ class StudentStream:
         stats = self.stats
         stats.chunks_read += 1
         stats.samples_read += result.samples_read
-        seen = self._seen.setdefault(result.shard, set())
-        seen.update(result.positions.tolist())
+        seen = self._seen.setdefault(result.shard, np.zeros(self.dataset.rows_per_shard, bool))
+        seen[result.positions] = True
         if result.undecodable:
             failed = self._failed.setdefault(result.shard, set())
             new = [(p, reason) for p, reason in result.undecodable if p not in failed]
-            seen.update(p for p, _ in result.undecodable)
+            seen[[p for p, _ in result.undecodable]] = True
             failed.update(p for p, _ in result.undecodable)
             stats.undecodable += len(result.undecodable)
             stats.undecodable_samples.extend(
@@ -416,7 +416,7 @@ class StudentStream:
             good = 0
             for t, read in enumerate(plan.emit.tolist()):
                 shard, position = int(plan.shard[read]), int(plan.position[read])
-                if position not in self._seen.get(shard, ()):
+                if shard not in self._seen or not self._seen[shard][position]:
                     self._probe(epoch, shard, position)
                 if position in self._failed.get(shard, ()):
                     continue
