@@ -83,7 +83,8 @@ def models(img_size: int, as_json: bool) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output directory for the shards and their manifests.")
 @click.option("--samples-per-shard", default=500, show_default=True, type=click.IntRange(min=1),
-              help="Samples per tar shard; the last shard of a split may hold fewer.")
+              help="Samples per tar shard; the last shard of a split holds fewer, and so does a shard with "
+                   "skipped files.")
 @click.option("--split-name", default="train", show_default=True,
               help="With --from-folder: the split name, giving OUT/SPLIT-000000.tar... and OUT/SPLIT.json.")
 @click.option("--img-size", default=32, show_default=True, type=click.IntRange(min=1),
@@ -95,10 +96,21 @@ def models(img_size: int, as_json: bool) -> None:
               help="Seed of the sample shuffle (and of the --sample split).")
 @click.option("--no-shuffle", is_flag=True,
               help="With --from-folder: keep the sorted class/file order instead of mixing classes across shards.")
+@click.option("--num-workers", type=click.IntRange(min=1),
+              help="Processes building shards, one shard at a time each; the output is the same bytes "
+                   "whatever the number.  [default: one per CPU]")
 @click.pass_context
 def make_shards(ctx: click.Context, folder: str | None, sample: str | None, out: str, samples_per_shard: int,
-                split_name: str, img_size: int, val_fraction: float, seed: int, no_shuffle: bool) -> None:
+                split_name: str, img_size: int, val_fraction: float, seed: int, no_shuffle: bool,
+                num_workers: int | None) -> None:
     """Pack images into WebDataset tar shards (jpg + cls members) with a JSON manifest per split.
+
+    With --from-folder, the image files (sorted by class and name, then shuffled with --seed)
+    are cut into consecutive groups of --samples-per-shard before anything is decoded: shard i
+    holds group i. JPEG files are stored as they are, other formats re-encoded as JPEG; a file
+    that does not decode is skipped with a warning and leaves its shard one shorter (a group
+    with no decodable file gives no shard). Workers build whole shards, so the output does
+    not depend on --num-workers.
 
     \b
     Examples:
@@ -125,10 +137,10 @@ def make_shards(ctx: click.Context, folder: str | None, sample: str | None, out:
         with _clean_errors():
             if folder is not None:
                 manifests = [make_shards_from_folder(folder, out, samples_per_shard, split=split_name,
-                                                     shuffle=not no_shuffle, seed=seed)]
+                                                     shuffle=not no_shuffle, seed=seed, num_workers=num_workers)]
             else:
                 manifests = make_mnist_sample(out, img_size=img_size, samples_per_shard=samples_per_shard,
-                                              val_fraction=val_fraction, seed=seed)
+                                              val_fraction=val_fraction, seed=seed, num_workers=num_workers)
     for warning in caught:
         click.echo(f"Warning: {warning.message}", err=True)
     for path in manifests:

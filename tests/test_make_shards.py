@@ -1,6 +1,7 @@
 """Building shards from an image folder and from the bundled MNIST sample; `pipeline make-shards`."""
 import io
 import os
+import traceback
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.data.make_shards import make_mnist_sample, make_shards_from_folder
+from pipeline.data.make_shards import default_num_workers, make_mnist_sample, make_shards_from_folder
 from pipeline.data.shards import DatasetError, decode_image, index_dataset, iter_shard, read_manifest
 
 
@@ -56,7 +57,7 @@ def test_folder_round_trip(image_folder, tmp_path):
     assert sorted(os.listdir(out)) == ["train-000000.tar", "train-000001.tar", "train-000002.tar", "train.json"]
     manifest = read_manifest(manifest_path)
     assert manifest["class_names"] == ["ant", "moth.v2", "zebra"]
-    assert [s["num_samples"] for s in manifest["shards"]] == [4, 4, 3]
+    assert [s["num_samples"] for s in manifest["shards"]] == [3, 4, 4]  # broken.jpg is among the first 4 files
 
     samples = read_split(str(out))
     assert sorted(samples) == sorted(files)
@@ -104,6 +105,75 @@ def test_rerun_with_fewer_shards_removes_stale_ones(image_folder, tmp_path):
     assert index_dataset(str(out / "val-*.tar")).num_samples == 11
 
 
+def test_shard_i_holds_files_i_s_to_next_and_skips_leave_it_shorter(image_folder, tmp_path):
+    root, files = image_folder
+    with pytest.warns(UserWarning, match="skipped 1 file.*broken.jpg"):
+        make_shards_from_folder(str(root), str(tmp_path / "out"), 4, shuffle=False, progress=False, num_workers=1)
+    keys = [[s.key for s in iter_shard(str(tmp_path / "out" / f"train-{i:06d}.tar"))] for i in range(3)]
+    # Sorted files: ant x5, moth.v2 (broken.jpg first) x3, zebra x4, cut in groups of 4 before decoding.
+    assert keys == [["ant/drawing", "ant/img0", "ant/img1", "ant/img2"],
+                    ["ant/img3", "moth.v2/img0", "moth.v2/img1"],
+                    ["zebra/img0", "zebra/img1", "zebra/img2", "zebra/scan_v1"]]
+
+
+def test_group_with_no_decodable_file_gives_no_shard(image_folder, tmp_path):
+    root, _ = image_folder
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train-000011.tar.partial").write_bytes(b"left by an interrupted run")
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        make_shards_from_folder(str(root), str(out), 1, shuffle=False, progress=False, num_workers=2)
+    assert sorted(os.listdir(out)) == [f"train-{i:06d}.tar" for i in range(11)] + ["train.json"]
+    assert [s.key for s in iter_shard(str(out / "train-000005.tar"))] == ["moth.v2/img0"]  # group 5 was broken.jpg
+
+
+def test_shards_are_the_same_bytes_with_any_number_of_workers(image_folder, tmp_path):
+    root, _ = image_folder
+    for workers in (1, 2, 3):
+        with pytest.warns(UserWarning, match="skipped 1 file.*broken.jpg"):
+            make_shards_from_folder(str(root), str(tmp_path / f"w{workers}"), 2, progress=False, num_workers=workers)
+    names = sorted(os.listdir(tmp_path / "w1"))
+    assert names == [f"train-{i:06d}.tar" for i in range(6)] + ["train.json"]
+    for workers in (2, 3):
+        assert sorted(os.listdir(tmp_path / f"w{workers}")) == names
+        for name in names:
+            assert (tmp_path / f"w{workers}" / name).read_bytes() == (tmp_path / "w1" / name).read_bytes(), name
+    assert default_num_workers() >= 1
+
+
+def test_shards_are_the_bytes_webdataset_writes(image_folder, tmp_path):
+    """Shards are written without webdataset (it imports torch in every worker) but match its TarWriter."""
+    import webdataset as wds
+
+    root, _ = image_folder
+    long_name = "ünïcode_名前_" + "x" * 100 + ".png"  # needs a pax header, as webdataset writes it
+    (root / "ant" / long_name).write_bytes(encode(np.zeros((8, 8, 3), np.uint8), "PNG"))
+    with pytest.warns(UserWarning):
+        make_shards_from_folder(str(root), str(tmp_path / "out"), 100, progress=False, num_workers=1)
+    ours = tmp_path / "out" / "train-000000.tar"
+    with wds.TarWriter(str(tmp_path / "wds.tar"), encoder=False, mtime=0) as writer:
+        for sample in iter_shard(str(ours)):
+            writer.write({"__key__": sample.key, "jpg": sample.image_bytes, "cls": str(sample.label).encode()})
+    assert ours.read_bytes() == (tmp_path / "wds.tar").read_bytes()
+
+
+def test_worker_error_is_one_line_naming_the_file(image_folder, tmp_path):
+    root, _ = image_folder
+    out = tmp_path / "out"
+    (out / "train-000001.tar.partial").mkdir(parents=True)  # the worker building shard 1 cannot write it
+    with pytest.raises(DatasetError, match=r"cannot write shard .*train-000001\.tar\.partial") as excinfo:
+        make_shards_from_folder(str(root), str(out), 4, progress=False, num_workers=2)
+    shown = "".join(traceback.format_exception(excinfo.value))
+    assert "RemoteTraceback" not in shown and "concurrent.futures" not in shown
+    assert not (out / "train.json").exists()
+
+    result = CliRunner().invoke(main, ["make-shards", "--from-folder", str(root), "--out", str(out),
+                                       "--samples-per-shard", "4", "--num-workers", "2"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("Error")] == [
+        f"Error: cannot write shard {out / 'train-000001.tar.partial'}: Is a directory"]
+
+
 def test_folder_errors_name_the_path(tmp_path):
     with pytest.raises(DatasetError, match="does not exist.*nowhere"):
         make_shards_from_folder(str(tmp_path / "nowhere"), str(tmp_path / "out"), 10)
@@ -137,7 +207,7 @@ def test_no_decodable_image_is_an_error(tmp_path):
 @pytest.fixture(scope="module")
 def mnist(tmp_path_factory):
     out = tmp_path_factory.mktemp("mnist")
-    return out, make_mnist_sample(str(out), img_size=16, samples_per_shard=1500, progress=False)
+    return out, make_mnist_sample(str(out), img_size=16, samples_per_shard=1500, progress=False, num_workers=2)
 
 
 def test_mnist_sample_splits(mnist):
@@ -158,8 +228,8 @@ def test_mnist_sample_splits(mnist):
 
 
 def test_mnist_sample_is_deterministic(mnist, tmp_path):
-    out, _ = mnist
-    make_mnist_sample(str(tmp_path), img_size=16, samples_per_shard=1500, progress=False)
+    out, _ = mnist  # built by two workers; this copy by one
+    make_mnist_sample(str(tmp_path), img_size=16, samples_per_shard=1500, progress=False, num_workers=1)
     for name in ("train-000000.tar", "train-000002.tar", "val-000000.tar", "train.json"):
         assert (tmp_path / name).read_bytes() == (out / name).read_bytes()
 
@@ -179,7 +249,8 @@ def test_cli_make_shards_from_folder(image_folder, tmp_path):
     root, files = image_folder
     out = tmp_path / "cli"
     result = CliRunner().invoke(main, ["make-shards", "--from-folder", str(root), "--out", str(out),
-                                       "--samples-per-shard", "5", "--split-name", "val", "--no-shuffle"])
+                                       "--samples-per-shard", "5", "--split-name", "val", "--no-shuffle",
+                                       "--num-workers", "2"])
     assert result.exit_code == 0, result.output
     assert f"val: 11 samples in 3 shards, manifest {out / 'val.json'}" in result.output
     assert "Warning: skipped 1 file(s) that do not decode as images" in result.output and "broken.jpg" in result.output
@@ -199,6 +270,7 @@ def test_cli_make_shards_mnist(tmp_path):
     (["--from-folder", "x", "--sample", "mnist"], "exactly one of"),
     (["--sample", "mnist", "--split-name", "test"], "--split-name cannot be used with --sample"),
     (["--from-folder", "x", "--img-size", "64"], "--img-size cannot be used with --from-folder"),
+    (["--from-folder", "x", "--num-workers", "0"], "0 is not in the range x>=1"),
 ])
 def test_cli_make_shards_usage_errors(tmp_path, args, message):
     result = CliRunner().invoke(main, ["make-shards", "--out", str(tmp_path / "out"), *args])

