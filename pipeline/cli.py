@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Iterator
 
 import click
@@ -22,19 +23,25 @@ def main() -> None:
     """
 
 
+# The project's input errors, by module: looked up only in modules already imported, so that a
+# light command (make-shards) does not import torch and zarr just to name their errors.
+_USER_ERRORS = (("pipeline.data.shards", "DatasetError"), ("pipeline.data.shards", "ImageDecodeError"),
+                ("pipeline.cache.compat", "StoreError"), ("teachers.spec", "TeacherSpecError"))
+
+
 @contextlib.contextmanager
 def _clean_errors() -> Iterator[None]:
     """Turn the project's input errors (and OS errors such as a full disk) into one-line CLI errors."""
-    from pipeline.data.shards import DatasetError, ImageDecodeError
-    from pipeline.cache.compat import StoreError
-    from teachers import TeacherSpecError
-
     try:
         yield
-    except (DatasetError, ImageDecodeError, StoreError, TeacherSpecError) as e:
-        raise click.ClickException(str(e)) from e
     except OSError as e:
         raise click.ClickException(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)) from e
+    except Exception as e:
+        user_errors = tuple(getattr(sys.modules[module], name) for module, name in _USER_ERRORS
+                            if module in sys.modules)
+        if isinstance(e, user_errors):
+            raise click.ClickException(str(e)) from e
+        raise
 
 
 def _count(name: str, img_size: int) -> tuple[float, float]:
