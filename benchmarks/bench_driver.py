@@ -15,7 +15,8 @@ imports):
 - train_checks: ``plan_run`` of train-student (model name, shards against the store, every
                 teacher complete, class counts, run directory), on a store marked complete;
 - rank_plan:    not a driver step: a training rank's start of epoch (its stream and its epoch
-                plan over every sample, world size 1 and 8).
+                plan over every sample, world size 1 and 8), with the distinct shards in each
+                batch of 256 that the plan gives (16 shards in flight, a 2048-example buffer).
 
     python benchmarks/bench_driver.py          # ~1 min
 """
@@ -112,9 +113,13 @@ def mark_complete(store: str) -> None:
     """Set every done flag and every sample valid, as a finished cache job leaves them."""
     import zarr
 
+    import numpy as np
+
     root = zarr.open_group(store, mode="r+")
+    counts = np.array(root.attrs["dataset"]["fingerprint"]["counts"])
+    rows = root.attrs["dataset"]["rows_per_shard"]
     root["samples/done"][:] = True
-    root["samples/valid"][:] = True
+    root["samples/valid"][:] = (np.arange(rows)[None, :] < counts[:, None]).reshape(-1)  # padding rows stay invalid
     for tid in root["teachers"]:
         root[f"teachers/{tid}/done"][:] = True
 
@@ -127,7 +132,9 @@ def step_train_checks(manifest: str, store: str, work: str) -> None:
     assert plan["num_classes"] == CLASSES
 
 
-def _rank_plan(manifest: str, store: str, world_size: int) -> None:
+def _rank_plan(manifest: str, store: str, world_size: int) -> dict:
+    import numpy as np
+
     from pipeline.data.shards import index_dataset
     from pipeline.train.student_data import StreamConfig, StudentInput, StudentStream
 
@@ -135,21 +142,25 @@ def _rank_plan(manifest: str, store: str, world_size: int) -> None:
                            StreamConfig(batch_size=256, teacher_ids=("vit", "resnet")), world_size=world_size)
     plan = stream.plan(0)
     stream._chunks(plan, 0)  # what the first pass builds before its first chunk task
+    shards = plan.shard[plan.emit][:stream.steps_per_epoch() * 256].reshape(-1, 256)
+    distinct = [len(np.unique(batch)) for batch in shards]
+    return {"examples": len(plan), "shards_per_batch_mean": float(np.mean(distinct)),
+            "shards_per_batch_min": int(min(distinct))}
 
 
-def step_rank_plan_1(manifest: str, store: str, work: str) -> None:
-    _rank_plan(manifest, store, 1)
+def step_rank_plan_1(manifest: str, store: str, work: str) -> dict:
+    return _rank_plan(manifest, store, 1)
 
 
-def step_rank_plan_8(manifest: str, store: str, work: str) -> None:
-    _rank_plan(manifest, store, 8)
+def step_rank_plan_8(manifest: str, store: str, work: str) -> dict:
+    return _rank_plan(manifest, store, 8)
 
 
 def _measure(step, manifest: str, store: str, work: str, queue) -> None:
     _import_only(manifest, store, work)  # imports are not the step's time (their memory is import_only's)
     start = time.perf_counter()
-    step(manifest, store, work)
-    queue.put({"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()})
+    extra = step(manifest, store, work) or {}
+    queue.put({"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb(), **extra})
 
 
 def run(step, manifest: str, store: str, work: str) -> dict:
@@ -180,8 +191,9 @@ def main() -> None:
             mark_complete(store)
         results[name] = run(step, manifest, store, work)
         results[name]["above_imports_mb"] = results[name]["peak_rss_mb"] - results["import_only"]["peak_rss_mb"]
+        extra = {k: v for k, v in results[name].items() if k not in ("seconds", "peak_rss_mb", "above_imports_mb")}
         print(f"{name:>18}: {results[name]['seconds']:6.2f} s, peak RSS {results[name]['peak_rss_mb']:5.0f} MB "
-              f"({results[name]['above_imports_mb']:+.0f} MB over the imports)", flush=True)
+              f"({results[name]['above_imports_mb']:+.0f} MB over the imports) {extra or ''}", flush=True)
     out = {"benchmark": "driver at ImageNet scale", "samples": SAMPLES, "shards": SHARDS, "classes": CLASSES,
            "teachers": TEACHERS, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                              "python": sys.version.split()[0]},
