@@ -351,8 +351,8 @@ def _train_options(config_file: str | None, flags: dict) -> dict:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
               help="auto: bf16 autocast on GPUs that support it, fp32 elsewhere.  [default: auto]")
 @click.option("--channels-last/--no-channels-last", default=None,
-              help="NHWC memory format for the student and its inputs (faster convolutions; ReGLA trains "
-                   "about 1.6x faster on CPU).  [default: on]")
+              help="NHWC memory format for the student and its inputs (faster convolutions; see "
+                   "docs/benchmarks.md).  [default: on]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[default: auto]")
 @click.option("--seed", type=int, help="Seed of weights, data order and augmentation.  [default: 0]")
 @click.option("--checkpoint-every", type=click.IntRange(min=1),
