@@ -39,11 +39,16 @@ class ShardResult:
 
 
 class TeacherBatcher:
-    """Collects one teacher's views of a shard into batches and keeps its outputs per row and view."""
+    """Collects one teacher's views of a shard into batches and keeps its outputs per row and view.
 
-    def __init__(self, teacher: Teacher, config: CacheConfig, rows: int):
+    A full batch is stacked and normalised by the calling thread, then forwarded on ``forwards``
+    (one thread shared by a shard's teachers), so the next batch is prepared while this one runs.
+    """
+
+    def __init__(self, teacher: Teacher, config: CacheConfig, rows: int, forwards: ThreadPoolExecutor):
         self.teacher = teacher
         self.config = config
+        self.forwards = forwards
         views, k = config.views.num_views, config.topk
         self.feature_views = config.num_feature_views if teacher.spec.features else 0
         self.outputs = TeacherOutputs(
@@ -55,6 +60,7 @@ class TeacherBatcher:
         )
         self._crops: list[torch.Tensor] = []
         self._slots: list[tuple[int, int]] = []
+        self._running: Future | None = None
 
     def add(self, row: int, view: int, crop: torch.Tensor) -> None:
         self._crops.append(crop)
@@ -63,24 +69,33 @@ class TeacherBatcher:
             self.flush()
 
     def flush(self) -> None:
+        """Send the views collected so far to the teacher (after its previous batch is done)."""
         if not self._crops:
             return
         pre = self.teacher.preprocessing
         batch = normalize(stack_views(self._crops), pre.mean, pre.std)
-        logits, features = self.teacher(batch)
-        encoded = encode_topk(logits, self.config.topk, self.config.temperatures)  # on the teacher's device
-        features = features.float().cpu()
         rows = np.array([r for r, _ in self._slots])
         views = np.array([v for _, v in self._slots])
+        self._crops, self._slots = [], []
+        self.wait()
+        self._running = self.forwards.submit(self._forward, batch, rows, views)
+
+    def wait(self) -> None:
+        """Block until the batch in flight is forwarded and stored (re-raising its error)."""
+        if self._running is not None:
+            running, self._running = self._running, None
+            running.result()
+
+    def _forward(self, batch: torch.Tensor, rows: np.ndarray, views: np.ndarray) -> None:
+        logits, features = self.teacher(batch)
+        encoded = encode_topk(logits, self.config.topk, self.config.temperatures)  # on the teacher's device
         out = self.outputs
         out.topk_logprob[rows, views] = encoded.logprob.cpu().numpy()
         out.topk_index[rows, views] = encoded.index.cpu().numpy().astype(out.topk_index.dtype)
         out.log_leftover[rows, views] = encoded.log_leftover.cpu().numpy()
         if out.features is not None:
             keep = views < self.feature_views
-            out.features[rows[keep], views[keep]] = features.numpy()[keep].astype(np.float16)
-        self._crops.clear()
-        self._slots.clear()
+            out.features[rows[keep], views[keep]] = features.float().cpu().numpy()[keep].astype(np.float16)
 
 
 def _empty_samples(rows: int, views: int) -> ShardSamples:
@@ -131,29 +146,30 @@ class ShardCacher:
         expected = self.store.shard_num_samples(shard)
         have_samples = bool(self.store.group["samples/done"][shard])
         samples = self.store.read_samples(shard) if have_samples else _empty_samples(rows, views)
-        batchers = {tid: TeacherBatcher(self.teachers[tid], self.config, rows) for tid in teacher_ids}
-        # Teachers with the same input size and interpolation share each rendered crop.
-        render_groups: dict[RenderKey, list[TeacherBatcher]] = {}
-        for batcher in batchers.values():
-            pre = batcher.teacher.preprocessing
-            render_groups.setdefault((tuple(pre.input_size), pre.interpolation), []).append(batcher)
-
         reasons: list[str] = []
         count = 0
         stored = samples if have_samples else None
-        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode") as pool:
+        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode") as pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="forward") as forwards:
+            batchers = {tid: TeacherBatcher(self.teachers[tid], self.config, rows, forwards) for tid in teacher_ids}
+            # Teachers with the same input size and interpolation share each rendered crop.
+            render_groups: dict[RenderKey, list[TeacherBatcher]] = {}
+            for batcher in batchers.values():
+                pre = batcher.teacher.preprocessing
+                render_groups.setdefault((tuple(pre.input_size), pre.interpolation), []).append(batcher)
             prepared = self._prepared(pool, self._checked_raws(url, expected, stored), stored, list(render_groups))
             for item in prepared:
                 count += 1
                 self._take(item, samples, have_samples, render_groups, reasons, url)
+            for batcher in batchers.values():
+                batcher.flush()
+                batcher.wait()
         if count != expected:
             raise DatasetError(f"shard {url} has {count} samples, the store expects {expected}; "
                                "the shard changed since the store was built")
         if keys_sha256 is not None and hash_keys(list(samples.keys[:expected])) != keys_sha256:
             raise DatasetError(f"the keys in shard {url} differ from its manifest/index (keys_sha256); "
                                "the shard changed since it was indexed")
-        for batcher in batchers.values():
-            batcher.flush()
 
         if not have_samples:
             self.store.write_samples(shard, samples)
