@@ -9,7 +9,7 @@ quality 90), packed by ``make-shards``. Measured side by side, in interleaved ro
   resize) and with the path it replaced (PIL decode, planar resize), images/s;
 - forward only: the teachers' forward passes on views rendered in memory beforehand, with every
   thread (no decoding, no cropping, no storing), images/s (an image counts once all its V views
-  went through every teacher);
+  went through every teacher), measured before and after each cache run;
 - cache: ``run_cache_job`` end to end on an embedded Ray (a fresh store each time, worker
   start-up, teacher loading and the final writes included), and its steady state (the time the
   worker spent processing shards), for each number of decode threads in ``--decode-workers``.
@@ -18,10 +18,11 @@ On a GPU the forward and the decoding use different hardware, so the cache can a
 min(forward only, N x decode per core). On a CPU they share the cores: the most the cache can do
 is the work-conserving rate 1 / (1/forward + 1/(cores x decode per core)), reported as
 ``shared_core_bound``; ``forward only`` is then a reference the cache cannot reach, not a bound.
-Ratios are taken within each round and the median over rounds is reported.
+Each cache run is compared with the mean of the forward-only runs just before and after it;
+medians and the spread over rounds are reported.
 
     pip install --no-deps scikit-image==0.26.0                      # the photos
-    python benchmarks/bench_cache.py                                # ~20 min on 2 CPU cores
+    python benchmarks/bench_cache.py                                # ~15 min on 2 CPU cores
     python benchmarks/bench_cache.py --quick                        # 600 images, 1 round
     python benchmarks/bench_cache.py --teacher vit_base_patch16_224,dtype=bf16,batch_size=256 \\
         --device cuda --decode-workers 4,8,16                       # on a GPU (written, not run)
@@ -148,7 +149,8 @@ def run_cache(urls: list[str], specs, config: CacheConfig, device: str, decode_w
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", action="append", help="teacher spec (repeatable); default: test_convnext at 224 px")
+    parser.add_argument("--teacher", action="append",
+                        help="teacher spec (repeatable); default: test_convnext at 224 px")
     parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--samples-per-shard", type=int, default=500)
     parser.add_argument("--views", type=int, default=2)
@@ -191,25 +193,35 @@ def main() -> None:
                                                         _project_path))
         times["decode_per_core_pil"].append(decode_per_core(decode_sample_set, policy, teachers[0].preprocessing,
                                                             _pil_path))
-        times["forward_only"].append(run_forward_only(teachers, crops))
+        # The forward pass alone before and after each cache run: each run is compared with the mean of
+        # its two neighbours, since this machine's speed drifts by 10% or more over minutes.
+        around = [run_forward_only(teachers, crops)]
         for n in decode_workers:
             seconds, steady = run_cache(urls, specs, config, args.device, n, workdir)
             times[f"cache_n{n}"].append(seconds)
             times[f"cache_n{n}_steady"].append(steady)
-        print(f"round {round_index}: " + ", ".join(f"{m} {v[-1]:.1f}" for m, v in times.items()), flush=True)
+            around.append(run_forward_only(teachers, crops))
+        times["forward_only"].append(around)
+        print(f"round {round_index}: " + ", ".join(f"{m} {v[-1]}" for m, v in times.items()), flush=True)
     ray.shutdown()
 
     images = len(samples)
     cores = args.threads
 
+    def forward_rate(i: int, j: int | None = None) -> float:
+        """The forward-only rate of round i: around cache run j (the mean of its neighbours), or all of it."""
+        around = times["forward_only"][i]
+        seconds = statistics.mean(around if j is None else around[j:j + 2])
+        return images / seconds
+
     def rate(mode: str, i: int) -> float:
         return times[mode][i] if mode.startswith("decode") else images / times[mode][i]
 
-    def median_ratio(mode: str, reference) -> float:
-        return statistics.median(rate(mode, i) / reference(i) for i in range(args.rounds))
+    def shared_core_bound(i: int, j: int) -> float:
+        return 1.0 / (1.0 / forward_rate(i, j) + 1.0 / (cores * rate("decode_per_core", i)))
 
-    def shared_core_bound(i: int) -> float:
-        return 1.0 / (1.0 / rate("forward_only", i) + 1.0 / (cores * rate("decode_per_core", i)))
+    def spread(values: list[float]) -> dict:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": values}
 
     result = {
         "benchmark": "cache-teachers throughput, ImageNet-shaped JPEGs",
@@ -218,18 +230,24 @@ def main() -> None:
                     "python": sys.version.split()[0], "torch": torch.__version__},
         "teachers": [str(s) for s in specs], "images": images, "views": args.views, "topk": args.topk,
         "rounds": args.rounds, "seconds_or_rates": times,
-        "median_images_per_second": {m: statistics.median(rate(m, i) for i in range(args.rounds)) for m in times},
-        "decode_speedup_over_pil": median_ratio("decode_per_core", lambda i: rate("decode_per_core_pil", i)),
+        "median_images_per_second": {
+            "forward_only": statistics.median(forward_rate(i) for i in range(args.rounds)),
+            **{m: statistics.median(rate(m, i) for i in range(args.rounds)) for m in times if m != "forward_only"}},
+        "decode_per_core": spread(times["decode_per_core"]),
+        "decode_speedup_over_pil": statistics.median(
+            rate("decode_per_core", i) / rate("decode_per_core_pil", i) for i in range(args.rounds)),
         "decode_workers_for_the_forward": math.ceil(statistics.median(
-            rate("forward_only", i) / rate("decode_per_core", i) for i in range(args.rounds))),
+            forward_rate(i) / rate("decode_per_core", i) for i in range(args.rounds))),
         "cache": {},
     }
-    for n in decode_workers:
+    for j, n in enumerate(decode_workers):
+        rounds = range(args.rounds)
         result["cache"][n] = {
-            "over_forward_only": median_ratio(f"cache_n{n}", lambda i: rate("forward_only", i)),
-            "steady_over_forward_only": median_ratio(f"cache_n{n}_steady", lambda i: rate("forward_only", i)),
-            "over_shared_core_bound": median_ratio(f"cache_n{n}", shared_core_bound),
-            "steady_over_shared_core_bound": median_ratio(f"cache_n{n}_steady", shared_core_bound),
+            "over_forward_only": spread([rate(f"cache_n{n}", i) / forward_rate(i, j) for i in rounds]),
+            "steady_over_forward_only": spread([rate(f"cache_n{n}_steady", i) / forward_rate(i, j) for i in rounds]),
+            "over_shared_core_bound": spread([rate(f"cache_n{n}", i) / shared_core_bound(i, j) for i in rounds]),
+            "steady_over_shared_core_bound": spread([rate(f"cache_n{n}_steady", i) / shared_core_bound(i, j)
+                                                     for i in rounds]),
             "start_up_fraction": statistics.median((e - s) / e for e, s in zip(times[f"cache_n{n}"],
                                                                                 times[f"cache_n{n}_steady"])),
         }

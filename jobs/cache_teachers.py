@@ -184,9 +184,9 @@ def _plan_workers(job: CacheJob) -> _WorkerPlan:
     threads = max(1, node_cpus // per_node)
     # A small fixed CPU reservation: workers always get scheduled, even on 2 cores, and the
     # real parallelism is set by the threads each worker uses. On a CPU the forward and the
-    # decoding share the cores; the forward's threads idle while a batch fills, so decoding
-    # gets as many threads as the forward.
-    return _WorkerPlan(count, "cpu", threads=threads, decode_workers=job.decode_workers or threads,
+    # decoding share the cores and a teacher forwards far fewer images than a core decodes:
+    # one decode thread per two cores (docs/benchmarks.md, cache throughput).
+    return _WorkerPlan(count, "cpu", threads=threads, decode_workers=job.decode_workers or max(1, threads // 2),
                        num_cpus=0.5, num_gpus=0)
 
 

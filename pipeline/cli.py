@@ -233,7 +233,7 @@ def _cache_config(store_path: str, options: dict):
               help="Where teachers run; auto uses GPUs when the Ray cluster has them.")
 @click.option("--decode-workers", type=click.IntRange(min=1),
               help="Threads per worker that decode images and render views while the teachers run.  "
-                   "[default: the worker's CPUs (minus one on a GPU worker)]")
+                   "[default: half the worker's CPUs; on a GPU worker, its CPUs minus one]")
 @click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Retries of a failed shard before it is reported as failed.")
 @click.option("--address", metavar="ADDR",

@@ -1,26 +1,17 @@
 """What the student data stream yields: rendered images with their labels and cached teacher targets.
 
 Both batch types are plain dataclasses of tensors with a leading example dimension, so the
-stream can cut, join, store and gather them field by field (``narrow``, ``cat``, ``SlotPool``).
+stream can select, store and gather them field by field (``StudentBatch.select``, ``SlotPool``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Sequence
 
 import numpy as np
 import torch
 
 SizeKey = tuple[int, int, str]  # (height, width, interpolation)
-
-
-def _narrow(value, start: int, stop: int):
-    return None if value is None else value[start:stop]
-
-
-def _cat(values: list):
-    return None if values[0] is None else torch.cat(values)
 
 
 @dataclass
@@ -32,13 +23,6 @@ class CachedTeacherBatch:
     log_leftover: torch.Tensor  # [B, T] float32, one column per store temperature
     features: torch.Tensor | None = None  # [B, D] float32, zeros where feature_mask is False
     feature_mask: torch.Tensor | None = None  # [B] bool: the view has cached features (view < V_f)
-
-    def narrow(self, start: int, stop: int) -> CachedTeacherBatch:
-        return CachedTeacherBatch(**{f.name: _narrow(getattr(self, f.name), start, stop) for f in fields(self)})
-
-    @classmethod
-    def cat(cls, parts: Sequence[CachedTeacherBatch]) -> CachedTeacherBatch:
-        return cls(**{f.name: _cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
 
 
 @dataclass
@@ -55,26 +39,9 @@ class StudentBatch:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def narrow(self, start: int, stop: int) -> StudentBatch:
-        """Examples ``start:stop``, as views of this batch's tensors."""
-        return StudentBatch(images=self.images[start:stop], labels=self.labels[start:stop],
-                            rows=self.rows[start:stop], views=self.views[start:stop],
-                            teachers={t: b.narrow(start, stop) for t, b in self.teachers.items()},
-                            extra_images={k: v[start:stop] for k, v in self.extra_images.items()})
-
     def select(self, index: torch.Tensor) -> StudentBatch:
         """The examples at ``index`` (a new batch)."""
         return _batch(self, {name: tensor[index] for name, tensor in _tensors(self).items()})
-
-    @classmethod
-    def cat(cls, parts: Sequence[StudentBatch]) -> StudentBatch:
-        if len(parts) == 1:
-            return parts[0]
-        first = parts[0]
-        return cls(images=torch.cat([p.images for p in parts]), labels=torch.cat([p.labels for p in parts]),
-                   rows=torch.cat([p.rows for p in parts]), views=torch.cat([p.views for p in parts]),
-                   teachers={t: CachedTeacherBatch.cat([p.teachers[t] for p in parts]) for t in first.teachers},
-                   extra_images={k: torch.cat([p.extra_images[k] for p in parts]) for k in first.extra_images})
 
 
 def _tensors(batch: StudentBatch) -> dict[str, torch.Tensor]:
@@ -124,7 +91,7 @@ class SlotPool:
         """Store ``examples``; returns one slot per example."""
         flat = {name: _interleaved(t) for name, t in _tensors(examples).items()}
         if self._template is None:
-            self._template = examples.narrow(0, 0)
+            self._template = examples.select(torch.zeros(0, dtype=torch.long))
             self._storage = {name: t.new_empty((self.capacity, *t.shape[1:])) for name, t in flat.items()}
         while len(self._free) < len(examples):
             self._grow()
