@@ -291,9 +291,10 @@ class StudentStream:
         worker_of: dict[int, int] = {}  # shard -> the loader process holding its stream
         self._count_invalid(plan)
         next_chunk = 0
+        chunk_of_read = chunks.of_read.tolist()  # Python ints: this loop runs once per example
         try:
             for read in plan.emit[start:].tolist():
-                chunk = int(chunks.of_read[read])
+                chunk = chunk_of_read[read]
                 while not arrived[chunk]:
                     while next_chunk < len(arrived) and (next_chunk <= chunk or len(in_flight) < limit):
                         if not self._dispatch(epoch, chunks, next_chunk, in_flight, worker_of, runner):
