@@ -67,3 +67,25 @@ def version_1_store():
         return str(path)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real two-node Ray cluster on loopback (head: 1 CPU, dashboard and Jobs API on 127.0.0.1;
+    worker node: 1 CPU), stopped at the end by its own pids."""
+    from services import start_ray_cluster
+
+    cluster = start_ray_cluster([1, 1])
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 API server on 127.0.0.1 (a free port), stopped at the end."""
+    from services import S3Server, free_port
+
+    server = S3Server(free_port())
+    server.start()
+    yield server
+    server.stop()
