@@ -270,6 +270,7 @@ def small_tmpfs(tmp_path):
             subprocess.run(["umount", "-l", str(mount)])
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_line_naming_the_store_and_the_store_resumes_after_making_room(
         small_tmpfs, manifest, ray_local):
     """The store is created on a 256 KiB tmpfs whose space runs out while shards are written: one 'Error:'
@@ -307,8 +308,14 @@ def test_s3_server_restarted_mid_write_fails_clearly_and_a_rerun_verifies(manife
         env = service_env(**server.env())
         proc = start_cli(cache_args(manifest, store), env=env)
         try:
-            wait_for(lambda: done_shards(store, storage_options={"skip_instance_cache": True}) >= 1, 180,
-                     "a completed shard on S3")
+            try:
+                wait_for(lambda: proc.poll() is not None
+                         or done_shards(store, storage_options={"skip_instance_cache": True}) >= 1, 300,
+                         "a completed shard on S3")
+            except TimeoutError:
+                proc.kill()
+                pytest.fail("no shard completed on S3:\n" + "".join(proc.communicate())[-3000:])
+            assert proc.poll() is None, "".join(proc.communicate())[-3000:]  # still running when the server restarts
             server.restart()
             code, out, err = finish(proc)
         finally:

@@ -156,6 +156,7 @@ def test_resume_after_failed_shard_is_bit_identical(reference, shards, tmp_path)
     assert third.shards_done == 0 and third.shards_skipped == 3
 
 
+@pytest.mark.slow
 def test_stuck_shard_is_timed_out_retried_and_reported(reference, shards, tmp_path):
     """Shard 2 is a named pipe that no one writes (a read that never returns): with --shard-timeout its worker
     is killed and replaced and the shard retried, then reported as failed; the other shards are cached and,
