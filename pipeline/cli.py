@@ -26,7 +26,8 @@ def main() -> None:
 # The project's input errors, by module: looked up only in modules already imported, so that a
 # light command (make-shards) does not import torch and zarr just to name their errors.
 _USER_ERRORS = (("pipeline.data.shards", "DatasetError"), ("pipeline.data.shards", "ImageDecodeError"),
-                ("pipeline.cache.compat", "StoreError"), ("teachers.spec", "TeacherSpecError"))
+                ("pipeline.cache.compat", "StoreError"), ("teachers.spec", "TeacherSpecError"),
+                ("jobs.cache_plan", "ClusterResourceError"))
 
 
 @contextlib.contextmanager
@@ -236,13 +237,23 @@ def _cache_config(store_path: str, options: dict):
                    "[default: half the worker's CPUs; on a GPU worker, its CPUs minus one]")
 @click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Retries of a failed shard before it is reported as failed.")
+@click.option("--shard-timeout", type=click.FloatRange(min=1), default=3600, show_default=True, metavar="SECONDS",
+              help="A shard still in flight after this long has its worker killed and replaced, and is retried "
+                   "(a stuck read, a hung device). The default fits a 1250-image shard with 8 views on a CPU "
+                   "worker; lower it on GPUs.")
+@click.option("--worker-start-timeout", type=click.FloatRange(min=1), default=600, show_default=True,
+              metavar="SECONDS",
+              help="A worker not scheduled and holding its teachers after this long is killed and reported.")
+@click.option("--dry-run", is_flag=True,
+              help="Write nothing: read the shard index, time one batch of each teacher on this machine, and "
+                   "print the store's size, the images and views, and the projected hours per worker.")
 @click.option("--address", metavar="ADDR",
               help="Ray cluster address (e.g. ray://host:10001 or auto). Default: an embedded local Ray.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def cache_teachers(shards: tuple[str, ...], store_path: str, teacher_specs: tuple[str, ...],
                    teachers_file: str | None, random_init: bool, num_workers: int | None, device: str,
-                   decode_workers: int | None, max_retries: int, address: str | None, progress: bool,
-                   **view_options) -> None:
+                   decode_workers: int | None, max_retries: int, shard_timeout: float, worker_start_timeout: float,
+                   dry_run: bool, address: str | None, progress: bool, **view_options) -> None:
     """Run teachers once over the shards and cache their per-view outputs in a Zarr store.
 
     Each sample gets V augmented views (crop box + flip, deterministic from the seed
@@ -264,11 +275,18 @@ def cache_teachers(shards: tuple[str, ...], store_path: str, teacher_specs: tupl
         job = CacheJob(shards=list(shards), store=store_path, teachers=specs,
                        config=_cache_config(store_path, view_options), random_init=random_init,
                        num_workers=num_workers, address=address, max_retries=max_retries, device=device,
-                       decode_workers=decode_workers)
+                       decode_workers=decode_workers, shard_timeout=shard_timeout,
+                       worker_start_timeout=worker_start_timeout)
+        if dry_run:
+            from jobs.cache_dry_run import estimate_cache_job
+
+            for line in estimate_cache_job(job).lines():
+                click.echo(line)
+            return
         summary = run_cache_job(job, progress=progress)
     for line in summary.lines():
         click.echo(line)
-    if summary.failed:
+    if not summary.ok:
         raise SystemExit(1)
 
 def _absolute(location: str) -> str:

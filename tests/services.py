@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 
+NODE_START_ATTEMPTS = 3
 BIN = Path(sys.executable).parent  # the venv's bin: ray, pipeline and python of this test session
 
 
@@ -143,17 +144,25 @@ def start_ray_cluster(node_cpus: list[int], node_resources: list[dict[str, float
     try:
         for i, (cpus, resources) in enumerate(zip(node_cpus, node_resources)):
             node = RayNode(root / f"n{i}", cpus, resources, head=i == 0)
-            common = [f"--num-cpus={cpus}", "--num-gpus=0", f"--temp-dir={node.temp_dir}",
-                      f"--object-store-memory={object_store_bytes}", *_node_ports()]
-            if resources:
-                common.append(f"--resources={json.dumps(resources)}")
-            if node.head:
-                _ray_start(["--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-                            "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                            f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}",
-                            *common], env)
-            else:
-                _ray_start([f"--address={gcs_address}", "--node-ip-address=127.0.0.1", *common], env)
+            for attempt in range(NODE_START_ATTEMPTS):
+                common = [f"--num-cpus={cpus}", "--num-gpus=0", f"--temp-dir={node.temp_dir}",
+                          f"--object-store-memory={object_store_bytes}", *_node_ports()]
+                if resources:
+                    common.append(f"--resources={json.dumps(resources)}")
+                try:
+                    if node.head:
+                        _ray_start(["--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+                                    "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                                    f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}",
+                                    *common], env)
+                    else:
+                        _ray_start([f"--address={gcs_address}", "--node-ip-address=127.0.0.1", *common], env)
+                    break
+                except RuntimeError:
+                    # `ray start` gives a raylet 30 s (fixed in Ray) to register; a loaded machine can miss it.
+                    _terminate(node.processes())
+                    if attempt == NODE_START_ATTEMPTS - 1:
+                        raise
             cluster.nodes.append(node)
         _wait_until(lambda: _jobs_api_up(cluster.dashboard_url), 60, "Ray Jobs API")
         _wait_until(lambda: _alive_node_count(cluster.dashboard_url) == len(node_cpus), 60,

@@ -1,7 +1,9 @@
 """The cache job end to end on an embedded Ray: real tar shards, real teachers, a real Zarr store."""
 import io
 import math
+import os
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -122,22 +124,59 @@ def test_uninterrupted_run_fills_every_row(reference, shards):
     assert report.teachers["test_vit"].min_feature_cosine is None  # cached without features
 
 
+def _manifest_copy(shards, root):
+    """The shards copied under ``root`` with a manifest, so that a shard can be damaged after indexing."""
+    import shutil
+
+    from pipeline.data.shards import index_dataset, write_manifest
+
+    shutil.copytree(shards, root)
+    write_manifest(str(root / "train.json"), "train", index_dataset(str(root)).shards, None)
+    return str(root / "train.json")
+
+
 def test_resume_after_failed_shard_is_bit_identical(reference, shards, tmp_path):
+    """Shard 1 is replaced on disk by one with other keys (the fault comes from outside the job): it fails
+    after its retries, the others are cached; with the shard restored, the rerun caches only shard 1."""
+    manifest = _manifest_copy(shards, tmp_path / "data")
+    original = (tmp_path / "data" / "train-000001.tar").read_bytes()
+    rng = np.random.default_rng(5)
+    with tarfile.open(tmp_path / "data" / "train-000001.tar", "w") as tar:
+        for i in range(5):
+            _add(tar, f"other/{i}.jpg", _jpeg(rng))
     path = tmp_path / "cache.zarr"
-    first = run_cache_job(_job(shards, path, faults={1: ("raise", 99)}, max_retries=1), progress=False)
-    assert list(first.failed) == ["train-000001.tar"] and "injected fault" in first.failed["train-000001.tar"]
-    assert first.shards_done == 2
-    second = run_cache_job(_job(shards, path), progress=False)
+    first = run_cache_job(_job(manifest, path, max_retries=1), progress=False)
+    assert list(first.failed) == ["train-000001.tar"] and "differ" in first.failed["train-000001.tar"]
+    assert list(first.retried) == ["train-000001.tar"] and first.shards_done == 2
+    (tmp_path / "data" / "train-000001.tar").write_bytes(original)
+    second = run_cache_job(_job(manifest, path), progress=False)
     assert second.failed == {} and second.shards_done == 1 and second.shards_skipped == 2
     _assert_identical(_arrays(path), _arrays(reference[0]))
-    third = run_cache_job(_job(shards, path), progress=False)
+    third = run_cache_job(_job(manifest, path), progress=False)
     assert third.shards_done == 0 and third.shards_skipped == 3
 
 
-def test_dead_worker_is_replaced(reference, shards, tmp_path):
+@pytest.mark.slow
+def test_stuck_shard_is_timed_out_retried_and_reported(reference, shards, tmp_path):
+    """Shard 2 is a named pipe that no one writes (a read that never returns): with --shard-timeout its worker
+    is killed and replaced and the shard retried, then reported as failed; the other shards are cached and,
+    with the real shard back, a rerun completes the store, equal to the reference."""
+    manifest = _manifest_copy(shards, tmp_path / "data")
+    tar = tmp_path / "data" / "train-000002.tar"
+    original = tar.read_bytes()
+    tar.unlink()
+    os.mkfifo(tar)
     path = tmp_path / "cache.zarr"
-    summary = run_cache_job(_job(shards, path, faults={0: ("exit", 1)}, max_retries=1), progress=False)
-    assert summary.failed == {} and summary.shards_done == 3
+    start = time.monotonic()
+    first = run_cache_job(_job(manifest, path, max_retries=1, shard_timeout=3), progress=False)
+    took = time.monotonic() - start
+    assert first.shards_done == 2 and list(first.failed) == ["train-000002.tar"], first.lines()
+    assert "timed out after 3 s" in first.failed["train-000002.tar"]
+    assert took < 180, took  # two bounded tries (and a worker start), not a wait forever
+    tar.unlink()
+    tar.write_bytes(original)
+    second = run_cache_job(_job(manifest, path), progress=False)
+    assert second.failed == {} and second.shards_done == 1
     _assert_identical(_arrays(path), _arrays(reference[0]))
 
 
@@ -172,10 +211,10 @@ def test_workers_get_only_the_teachers_with_work_left(reference, shards, tmp_pat
 def test_teacher_that_fails_to_load_on_a_worker_fails_its_shards_with_its_error(reference, shards, tmp_path):
     missing = parse_teacher_spec(f"test_resnet@{tmp_path}/gone.safetensors,img_size=32")
     worker = ShardWorker(str(reference[0]), [missing.to_dict()], random_init=False, seed=0, device="cpu",
-                         threads=torch.get_num_threads(), decode_workers=1, faults={})
+                         threads=torch.get_num_threads(), decode_workers=1)
     assert worker.teachers == {}
     with pytest.raises(TeacherSpecError, match="'test_resnet' failed to load on this worker.*gone.safetensors"):
-        worker.process(0, f"{shards}/train-000000.tar", "", ["test_resnet"], attempt=0)
+        worker.process(0, f"{shards}/train-000000.tar", "", ["test_resnet"])
 
 
 def test_store_of_other_views_or_dataset_refuses_to_mix(reference, shards, tmp_path):

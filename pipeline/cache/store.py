@@ -15,12 +15,18 @@ and every array is chunked by C rows, so each shard's rows are whole chunks and
 exactly one writer ever touches a chunk: concurrent workers never read-modify-write
 each other's data. ``done`` flags are chunked one per shard for the same reason,
 and a flag is set only after the shard's data is written.
+
+Teachers are registered without any shared read-modify-write, so that several jobs can add
+teachers to one store at once: a teacher's record lives in its own group's attributes and its
+``done`` array is created last; the store's teachers are the groups that have one. The root
+``teachers`` attribute is an index rebuilt from those groups (for readers that look there).
 """
 
 from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,16 +146,37 @@ class CacheStore:
         return cls(group, path)
 
     @classmethod
-    def open_or_create(cls, path: str, dataset: DatasetIndex, config: CacheConfig) -> CacheStore:
-        """Open the store at ``path`` if it exists (checking it matches), else create it."""
+    def open_or_create(cls, path: str, dataset: DatasetIndex, config: CacheConfig,
+                       creation_timeout: float = 60.0) -> CacheStore:
+        """Open the store at ``path`` if it exists (checking it matches), else create it.
+
+        When another job creates the same store at the same moment, creating fails on the first
+        node the other job wrote; the store is then opened once the other job has finished it.
+        """
         try:
             store = cls.open(path, mode="r+")
         except StoreError:
             if _exists(path):
                 raise
-            return cls.create(path, dataset, config)
+            try:
+                return cls.create(path, dataset, config)
+            except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
+                store = cls._open_when_created(path, creation_timeout)
         store.check_compatible(dataset, config)
         return store
+
+    @classmethod
+    def _open_when_created(cls, path: str, timeout: float) -> CacheStore:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return cls.open(path, mode="r+")
+            except StoreError:
+                if time.monotonic() > deadline:
+                    raise StoreError(f"{path} was being created by another job and is still incomplete after "
+                                     f"{timeout:.0f} s; rerun when that job has started, or use another --store"
+                                     ) from None
+                time.sleep(0.5)
 
     # ----- checks (compat.py) ---------------------------------------------------
 
@@ -178,10 +205,12 @@ class CacheStore:
 
     @property
     def teacher_ids(self) -> list[str]:
-        return sorted(self.attrs["teachers"])
+        """The registered teachers: groups under ``teachers/`` whose ``done`` array exists (created last)."""
+        teachers = self.group["teachers"]
+        return sorted(tid for tid in teachers.group_keys() if "done" in teachers[tid])
 
     def teacher_record(self, teacher_id: str) -> dict:
-        return self.attrs["teachers"][teacher_id]
+        return self.teacher(teacher_id).attrs.asdict()
 
     def shard_rows(self, shard: int) -> slice:
         return slice(shard * self.rows_per_shard, (shard + 1) * self.rows_per_shard)
@@ -204,19 +233,25 @@ class CacheStore:
 
     def add_teacher(self, teacher_id: str, record: dict, num_classes: int, feature_dim: int,
                     features: bool) -> None:
-        """Create the arrays of a new teacher, or check that an existing one is the same teacher."""
-        teachers = self.attrs["teachers"]
-        if teacher_id in teachers:
-            check_same_teacher(self.path, teacher_id, teachers[teacher_id], record)
+        """Create the group and arrays of a new teacher, or check that an existing one is the same teacher.
+
+        Writes only the teacher's own group (record in its attributes, ``done`` last), so jobs that add
+        different teachers at the same time never overwrite each other's registration.
+        """
+        if teacher_id in self.teacher_ids:
+            check_same_teacher(self.path, teacher_id, self.teacher_record(teacher_id), record)
             return
         if self.config.topk > num_classes:
             raise StoreError(f"--topk {self.config.topk} exceeds teacher '{teacher_id}''s {num_classes} classes")
-        group = self.group["teachers"].create_group(teacher_id)
+        # overwrite: a group left without its `done` array (a job stopped while creating it) is not registered.
+        group = self.group["teachers"].create_group(teacher_id, attributes=record, overwrite=True)
         _create_teacher_arrays(group, self.num_shards, self.rows_per_shard, self.config, num_classes,
                                feature_dim if features else 0)
-        group.attrs.update(record)
-        teachers[teacher_id] = record
-        self.group.attrs["teachers"] = teachers
+        self.write_teacher_index()
+
+    def write_teacher_index(self) -> None:
+        """Rebuild the root ``teachers`` attribute from the teacher groups (an index; the groups are authoritative)."""
+        self.group.attrs["teachers"] = {tid: self.teacher_record(tid) for tid in self.teacher_ids}
 
     # ----- shard reads and writes (shard_io.py; one writer per shard) ---------------
 
