@@ -130,6 +130,14 @@ def plan_resources(config: TrainConfig) -> WorkerResources:
     return plan_worker_resources(alive_nodes(), config.num_workers, config.cpus_per_worker, config.device)
 
 
+def _progress_board() -> Any:
+    """A progress board on the driver's node: it must outlive any other node, as Ray Train's controller does."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ProgressBoard.options(scheduling_strategy=here).remote()
+
+
 def _ray_storage(run_dir: str) -> tuple[str, Any]:
     """Where Ray Train keeps its own run state (the checkpoint pointers): inside the run directory, which
     every node must reach anyway; fsspec URLs go through pyarrow so any fsspec filesystem works."""
@@ -179,7 +187,7 @@ def run_trainings(configs: list[TrainConfig], labels: list[str] | None = None) -
         runs = []
         for config, plan, request, label in zip(configs, plans, resources, labels):
             plan["cpus_per_worker"] = request.cpus
-            board = ProgressBoard.remote()
+            board = _progress_board()
             storage_path, storage_filesystem = _ray_storage(str(config.out))
             trainer = TorchTrainer(
                 train_worker,

@@ -117,7 +117,8 @@ def test_killed_worker_is_restored_by_ray_train(data, tmp_path, ray_cluster, ray
     options = dict(no_distill=True, store=None, epochs=4, num_workers=2, cpus_per_worker=1, checkpoint_every=2,
                    log_every=2, progress=True)
     run = _config(data, tmp_path / "run", **options)
-    process = _start_cli("--config", _config_file(run, tmp_path / "run.yaml"), "--address", ray_cluster.gcs_address)
+    process = _start_cli("--config", _config_file(run, tmp_path / "run.yaml"), "--address", ray_cluster.gcs_address,
+                         RAY_ADDRESS=ray_cluster.gcs_address)  # for Ray's own processes: other clusters may run here
     try:
         workers = _wait_until(lambda: _train_workers(ray_cluster.dashboard_url) if len(
             _train_workers(ray_cluster.dashboard_url)) == 2 else None, 120, "two training workers")
@@ -162,7 +163,8 @@ def test_lost_node_training_finishes_on_the_head(data, tmp_path):
                                  capture_output=True, text=True, timeout=120, check=True)
         blocker_pid = int(blocker.stdout.strip().splitlines()[-1])
         run = _config(data, tmp_path / "run", **options)
-        process = _start_cli("--config", _config_file(run, tmp_path / "run.yaml"), "--address", cluster.gcs_address)
+        process = _start_cli("--config", _config_file(run, tmp_path / "run.yaml"), "--address", cluster.gcs_address,
+                             RAY_ADDRESS=cluster.gcs_address)
         try:
             worker = _wait_until(lambda: next(iter(_train_workers(cluster.dashboard_url)), None), 120, "a worker")
             assert worker.pid in {p.pid for p in cluster.nodes[1].processes()}
@@ -182,3 +184,24 @@ def test_lost_node_training_finishes_on_the_head(data, tmp_path):
     _train_in_process(_config(data, tmp_path / "whole", **options))
     a, b = _weights(tmp_path / "whole"), _weights(run.run_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+LOADER_OWNER = """
+import sys, time
+from pipeline.train.loader import ChunkRenderer, ProcessRunner
+runner = ProcessRunner(ChunkRenderer(None, None, None, 1), workers=1)
+print(runner._processes[0].pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_loader_processes_stop_when_their_training_process_is_killed():
+    owner = subprocess.Popen([sys.executable, "-c", LOADER_OWNER], env=service_env(), stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        loader = psutil.Process(int(owner.stdout.readline()))
+        owner.kill()
+        owner.wait()
+        loader.wait(timeout=90)  # raises TimeoutExpired if the loader outlives its parent
+    finally:
+        kill_process_tree(owner.pid)

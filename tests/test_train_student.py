@@ -68,12 +68,12 @@ def _config_file(config: TrainConfig, path) -> str:
     return str(path)
 
 
-def _start_cli(*args) -> subprocess.Popen:
+def _start_cli(*args, **env: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train-student", *map(str, args)],
-                            env=service_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=service_env() | env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for_checkpoint(run_dir, process: subprocess.Popen, timeout: float = 180):
+def wait_for_checkpoint(run_dir, process: subprocess.Popen, timeout: float = 400):
     """The first checkpoint file of a run in progress (fails if the run ends or times out first)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -82,7 +82,8 @@ def wait_for_checkpoint(run_dir, process: subprocess.Popen, timeout: float = 180
             return found[0]
         assert process.poll() is None, f"the run ended before its first checkpoint:\n{process.communicate()[0]}"
         time.sleep(0.05)
-    raise TimeoutError(f"no checkpoint in {run_dir} after {timeout} s")
+    kill_process_tree(process.pid)
+    raise TimeoutError(f"no checkpoint in {run_dir} after {timeout} s:\n{process.communicate()[0]}")
 
 
 def _weights(run_dir) -> dict[str, torch.Tensor]:
