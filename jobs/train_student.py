@@ -10,6 +10,7 @@ its progress bar.
 from __future__ import annotations
 
 import difflib
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -21,11 +22,15 @@ import timm
 
 import regla  # noqa: F401  (registers the regla_* models with timm)
 from jobs.ray_env import ray_session
+from jobs.worker_resources import WorkerResources, alive_nodes, describe_nodes, plan_worker_resources
 from pipeline.cache.store import CacheStore
 from pipeline.data.shards import DatasetIndex, index_dataset
 from pipeline.train.metrics import read_metrics
 from pipeline.train.train_config import ConfigError, TrainConfig, check_run_dir, save_run_config
 from teachers import load_teacher, parse_teacher_spec
+
+
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 @ray.remote(num_cpus=0)
@@ -120,17 +125,36 @@ def plan_run(config: TrainConfig) -> dict[str, Any]:
             "dataset": dataset, "val_dataset": val_dataset}
 
 
-def _use_gpu(config: TrainConfig) -> bool:
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if config.device == "cuda" and gpus < config.num_workers:
-        raise ConfigError(f"--device cuda: the Ray cluster has {gpus:g} GPU(s) for {config.num_workers} worker(s)")
-    return config.device == "cuda" or (config.device == "auto" and gpus >= config.num_workers)
+def plan_resources(config: TrainConfig) -> WorkerResources:
+    """Each worker's CPUs and GPU, from the connected cluster's alive nodes; PlacementError if they never fit."""
+    return plan_worker_resources(alive_nodes(), config.num_workers, config.cpus_per_worker, config.device)
 
 
-def _cpus_per_worker(config: TrainConfig) -> float:
-    if config.cpus_per_worker:
-        return config.cpus_per_worker
-    return max(1.0, ray.cluster_resources().get("CPU", 1) // config.num_workers)
+def _progress_board() -> Any:
+    """A progress board on the driver's node: it must outlive any other node, as Ray Train's controller does."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ProgressBoard.options(scheduling_strategy=here).remote()
+
+
+def _ray_storage(run_dir: str) -> tuple[str, Any]:
+    """Where Ray Train keeps its own run state (the checkpoint pointers): inside the run directory, which
+    every node must reach anyway; fsspec URLs go through pyarrow so any fsspec filesystem works."""
+    if "://" not in run_dir or run_dir.startswith("file://"):
+        return os.path.join(os.path.abspath(run_dir.removeprefix("file://")), "ray"), None
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    filesystem, path = fsspec.core.url_to_fs(run_dir)
+    return f"{path.rstrip('/')}/ray", PyFileSystem(FSSpecHandler(filesystem))
+
+
+def _bound_worker_start(configs: list[TrainConfig]) -> None:
+    """Make Ray Train give up on placing a worker group after --start-timeout instead of waiting forever.
+
+    Ray Train reads this from the driver's environment and passes it to its controller."""
+    os.environ[START_TIMEOUT_ENV] = str(max(config.start_timeout for config in configs))
 
 
 def run_training(config: TrainConfig) -> TrainSummary:
@@ -145,7 +169,7 @@ def run_trainings(configs: list[TrainConfig], labels: list[str] | None = None) -
     two CPU threads poorly, so on a small machine two one-CPU runs side by side (say
     a KD student and its labels-only baseline) finish sooner than one after the other.
     """
-    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.train.trainer import train_worker
@@ -158,21 +182,29 @@ def run_trainings(configs: list[TrainConfig], labels: list[str] | None = None) -
     for config in configs:
         save_run_config(config)
     with ray_session(configs[0].address):
+        resources = [plan_resources(config) for config in configs]
+        _bound_worker_start(configs)
         runs = []
-        for config, plan, label in zip(configs, plans, labels):
-            use_gpu = _use_gpu(config)
-            plan["cpus_per_worker"] = _cpus_per_worker(config)
-            board = ProgressBoard.remote()
+        for config, plan, request, label in zip(configs, plans, resources, labels):
+            plan["cpus_per_worker"] = request.cpus
+            board = _progress_board()
+            storage_path, storage_filesystem = _ray_storage(str(config.out))
             trainer = TorchTrainer(
                 train_worker,
                 train_loop_config={"config": config.to_dict(), "plan": plan, "progress": board},
-                scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
-                                             resources_per_worker={"CPU": plan["cpus_per_worker"]}),
-                run_config=RunConfig(storage_path=str(config.run_dir.resolve() / "ray"), name="train",
-                                     failure_config=FailureConfig(max_failures=0),
-                                     logging_config=LoggingConfig(log_level="WARNING")),
+                scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=request.gpus > 0,
+                                             resources_per_worker=request.ray_resources()),
+                run_config=RunConfig(
+                    storage_path=storage_path, storage_filesystem=storage_filesystem, name="train",
+                    # A lost worker (or node) restarts the worker group from the last checkpoint; a worker
+                    # group that cannot be placed within --start-timeout counts as a failure too.
+                    failure_config=FailureConfig(max_failures=config.max_failures,
+                                                 controller_failure_limit=config.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=2),
+                    logging_config=LoggingConfig(log_level="WARNING")),
             )
-            runs.append(_FitRun(trainer, board, label if len(configs) > 1 else None, config.progress))
+            runs.append(_FitRun(trainer, board, label if len(configs) > 1 else None, config.progress, config,
+                                request))
         seconds = _fit_with_progress(runs)
     return [_summarize(config, seconds[i]) for i, config in enumerate(configs)]
 
@@ -187,7 +219,7 @@ def _summarize(config: TrainConfig, seconds: float) -> TrainSummary:
 
 
 class TrainingFailed(RuntimeError):
-    """A worker failed; the run can continue from its last checkpoint with --resume."""
+    """The run failed beyond --max-failures recoveries; it can continue from its last checkpoint with --resume."""
 
 
 @dataclass
@@ -198,6 +230,8 @@ class _FitRun:
     board: Any
     label: str | None
     show: bool
+    config: TrainConfig | None = None
+    request: WorkerResources | None = None
     bar: Any = None
     result: Any = None
     error: BaseException | None = None
@@ -235,12 +269,26 @@ def _fit_with_progress(runs: list[_FitRun]) -> dict[int, float]:
     for run in runs:
         if run.bar is not None:
             run.bar.close()
-    failures = [(run.label, run.error or getattr(run.result, "error", None)) for run in runs]
-    failures = [(label, error) for label, error in failures if error is not None]
+    failures = [(run, run.error or getattr(run.result, "error", None)) for run in runs]
+    failures = [(run, error) for run, error in failures if error is not None]
     if failures:
-        label, error = failures[0]
-        raise TrainingFailed(f"training {label + ' ' if label else ''}failed: {_root_cause(error)}") from error
+        run, error = failures[0]
+        raise TrainingFailed(f"training {run.label + ' ' if run.label else ''}failed: {_failure_reason(run, error)}") \
+            from error
     return seconds
+
+
+def _failure_reason(run: _FitRun, error: BaseException) -> str:
+    """One line: for workers that could not be placed in time, the request and what the nodes have now."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    cause = getattr(error, "controller_failure", None)
+    if isinstance(cause, WorkerGroupStartupTimeoutError) and run.config is not None and run.request is not None:
+        wanted = f"{run.request.cpus:g} CPU" + (" + 1 GPU" if run.request.gpus else "")
+        return (f"{run.config.num_workers} worker(s) of {wanted} each could not be placed within --start-timeout "
+                f"{run.config.start_timeout:g} s ({run.config.max_failures + 1} attempt(s)); the cluster now has "
+                f"{describe_nodes(alive_nodes())}")
+    return _root_cause(error)
 
 
 def _show(record: dict[str, Any], run: _FitRun, position: int) -> None:
@@ -248,7 +296,11 @@ def _show(record: dict[str, Any], run: _FitRun, position: int) -> None:
 
     if not run.show:
         return
-    if record["kind"] == "start":
+    if record["kind"] == "start" and run.bar is not None:  # Ray Train restarted the workers after a failure
+        run.bar.write(f"{run.label + ': ' if run.label else ''}workers restarted; continuing from step {record['step']}")
+        run.bar.reset(total=record["total_steps"])
+        run.bar.update(record["step"])
+    elif record["kind"] == "start":
         run.bar = tqdm(total=record["total_steps"], initial=record["step"], unit="step", desc=run.label,
                        position=position, dynamic_ncols=True)
     elif record["kind"] == "train" and run.bar is not None:

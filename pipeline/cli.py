@@ -331,7 +331,14 @@ def _train_options(config_file: str | None, flags: dict) -> dict:
               help="Classes of the student head.  [default: from the manifest, else the teachers]")
 @click.option("--num-workers", type=click.IntRange(min=1), help="Ray Train (DDP) workers.  [default: 1]")
 @click.option("--cpus-per-worker", type=click.FloatRange(min=0.1),
-              help="CPUs reserved per worker (and torch threads).  [default: all CPUs shared evenly]")
+              help="CPUs reserved per worker (and torch threads); a worker's CPUs must be on one node.  "
+                   "[default: the most whole CPUs the nodes can give every worker at once]")
+@click.option("--max-failures", type=click.IntRange(min=0),
+              help="Lost workers or nodes Ray Train recovers from, each time restarting the workers from the "
+                   "last checkpoint, before the run fails.  [default: 3]")
+@click.option("--start-timeout", type=click.FloatRange(min=1),
+              help="Seconds to wait for the workers' CPUs/GPUs to be free before that start counts as a "
+                   "failure; a request no node can ever hold fails at once.  [default: 300]")
 @click.option("--loader-workers", type=click.IntRange(min=0),
               help="Spawned data-loading processes per worker; 0 loads in the training process.  [default: 1]")
 @click.option("--address", metavar="ADDR", help="Ray cluster address. Default: an embedded local Ray.")

@@ -64,6 +64,22 @@ def _terminate(processes: list[psutil.Process], timeout: float = 5.0) -> None:
     psutil.wait_procs(alive, timeout=timeout)
 
 
+def kill_process_tree(pid: int) -> list[int]:
+    """SIGKILL a process and all its descendants (say a CLI and the embedded Ray it started); return their pids."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    for p in processes:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(processes, timeout=10)
+    return [p.pid for p in processes]
+
+
 @dataclass
 class RayNode:
     """One ``ray start`` node: its temp dir marks every process it owns."""

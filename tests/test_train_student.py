@@ -1,5 +1,9 @@
 """Student training on real MNIST shards and a real cache: in-process loops, then on Ray Train via the CLI."""
 import json
+import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -16,7 +20,8 @@ from pipeline.data.shards import index_dataset
 from pipeline.data.views import ViewPolicy
 from pipeline.train.metrics import read_metrics
 from pipeline.train.train_config import ConfigError, TrainConfig, save_run_config
-from pipeline.train.trainer import train_worker
+from pipeline.train.trainer import run_worker
+from services import kill_process_tree, service_env
 from teachers import load_teacher, parse_teacher_spec
 
 SEED = 3
@@ -51,10 +56,34 @@ def _config(data, out, **options) -> TrainConfig:
 
 
 def _train_in_process(config: TrainConfig) -> None:
-    """The Ray Train worker loop, run directly (world size 1) to keep these tests fast."""
+    """The Ray Train worker loop, run directly (world size 1, one thread) to keep these tests fast."""
     plan = plan_run(config)
     save_run_config(config)
-    train_worker({"config": config.to_dict(), "plan": plan | {"cpus_per_worker": 1}})
+    run_worker(config, plan | {"cpus_per_worker": 1})
+
+
+def _config_file(config: TrainConfig, path) -> str:
+    """The whole config as a --config YAML file, so that a CLI run is exactly ``config``."""
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    return str(path)
+
+
+def _start_cli(*args, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train-student", *map(str, args)],
+                            env=service_env() | env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_checkpoint(run_dir, process: subprocess.Popen, timeout: float = 400):
+    """The first checkpoint file of a run in progress (fails if the run ends or times out first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = sorted((run_dir / "checkpoints").glob("step-*.pt"))
+        if found:
+            return found[0]
+        assert process.poll() is None, f"the run ended before its first checkpoint:\n{process.communicate()[0]}"
+        time.sleep(0.05)
+    kill_process_tree(process.pid)
+    raise TimeoutError(f"no checkpoint in {run_dir} after {timeout} s:\n{process.communicate()[0]}")
 
 
 def _weights(run_dir) -> dict[str, torch.Tensor]:
@@ -65,17 +94,30 @@ def _train_records(run_dir) -> list[dict]:
     return [r for r in read_metrics(run_dir) if r["kind"] == "train"]
 
 
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(data, tmp_path):
+@pytest.mark.slow
+def test_killed_and_resumed_run_ends_with_the_same_weights(data, tmp_path, ray_local):
+    """The CLI (driver, its embedded Ray and the Ray Train worker) SIGKILLed right after its first checkpoint;
+    --resume ends with an uninterrupted run's weights and metrics, bit for bit."""
     # Everything random is on: drop-path, mixup/cutmix, teacher dropping, feature KD, EMA.
     options = dict(model="regla_t", drop_path=0.1, mixup=0.8, cutmix=1.0, teacher_drop_prob=0.5,
-                   feature_weight=1.0, batch_size=48)
+                   feature_weight=1.0, batch_size=48, checkpoint_every=2, cpus_per_worker=1)
+    cut = _config(data, tmp_path / "cut", **options)
+    killed = _start_cli("--config", _config_file(cut, tmp_path / "cut.yaml"))
+    try:
+        first = wait_for_checkpoint(cut.run_dir, killed)
+    finally:
+        kill_process_tree(killed.pid)
+    killed.communicate()
+    assert first.name == "step-000000002.pt" and not (cut.run_dir / "model.safetensors").exists()
     _train_in_process(_config(data, tmp_path / "whole", **options))
-    with pytest.raises(RuntimeError, match="interrupted after step 5"):
-        _train_in_process(_config(data, tmp_path / "cut", interrupt_after_steps=5, **options))
-    assert (tmp_path / "cut" / "checkpoints" / "step-000000005.pt").exists()
-    _train_in_process(_config(data, tmp_path / "cut", resume=True, **options))
 
-    whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    changed = _cli("--config", tmp_path / "cut.yaml", "--resume", "--epochs", 3)
+    assert changed.exit_code == 1 and "epochs: run has 2, requested 3" in changed.output
+    resumed = _cli("--config", tmp_path / "cut.yaml", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "val top-1" in resumed.output and "(300 samples)" in resumed.output
+
+    whole, resumed = _weights(tmp_path / "whole"), _weights(cut.run_dir)
     assert whole.keys() == resumed.keys()
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name
@@ -84,7 +126,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(data, tmp_path):
     def computed(records):
         return [{k: v for k, v in r.items() if k not in timing} for r in records]
 
-    assert computed(_train_records(tmp_path / "whole")) == computed(_train_records(tmp_path / "cut"))
+    assert computed(_train_records(tmp_path / "whole")) == computed(_train_records(cut.run_dir))
 
 
 def test_run_writes_metrics_curves_and_a_timm_export(data, tmp_path):
@@ -170,33 +212,17 @@ def test_runs_trained_together_are_all_checked_before_any_starts(data, tmp_path)
 
 
 @pytest.mark.slow
-def test_two_ddp_workers_on_ray_resume_a_killed_run(data, tmp_path, ray_local):
-    args = _base(data, tmp_path / "run") + ["--val-shards", data["manifest"], "--epochs", 2, "--num-workers", 2,
-                                            "--loader-workers", 0, "--checkpoint-every", 2]
-    stop = tmp_path / "stop.yaml"
-    stop.write_text(yaml.safe_dump({"interrupt_after_steps": 3}))
-    killed = _cli("--config", stop, *args)
-    assert killed.exit_code == 1 and "interrupted after step 3" in killed.output, killed.output
-    changed = _cli(*args, "--resume", "--epochs", 3)
-    assert changed.exit_code == 1 and "epochs: run has 2, requested 3" in changed.output
-    resumed = _cli(*args, "--resume")
-    assert resumed.exit_code == 0, resumed.output
-    assert "val top-1" in resumed.output and "(300 samples)" in resumed.output
-
-    whole = _cli(*(_base(data, tmp_path / "whole") + args[len(_base(data, "")):]))
-    assert whole.exit_code == 0, whole.output
-    a, b = _weights(tmp_path / "run"), _weights(tmp_path / "whole")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.mark.slow
 def test_runs_side_by_side_on_ray_finish_or_fail_on_their_own(data, tmp_path, ray_local):
+    # The labels-only run reads its own copy of the shards, one of them cut short after indexing.
+    shards = tmp_path / "shards"
+    shutil.copytree(data["root"] / "shards", shards)
+    damaged = shards / "train-000003.tar"
+    damaged.write_bytes(damaged.read_bytes()[:5000])
     finishing = _config(data, tmp_path / "kd", epochs=1, cpus_per_worker=1)
     failing = _config(data, tmp_path / "labels", epochs=1, cpus_per_worker=1, no_distill=True, store=None,
-                      interrupt_after_steps=2)
-    with pytest.raises(TrainingFailed, match="training labels-only failed: .*interrupted after step 2"):
+                      shards=[str(shards / "train.json")], max_failures=0)
+    with pytest.raises(TrainingFailed, match="training labels-only failed: .*train-000003.tar"):
         run_trainings([finishing, failing], labels=["kd", "labels-only"])
     assert (tmp_path / "kd" / "model.safetensors").exists()
     assert [r["samples"] for r in read_metrics(tmp_path / "kd") if r["kind"] == "eval"] == [300]
     assert not (tmp_path / "labels" / "model.safetensors").exists()
-    assert _train_records(tmp_path / "labels")[-1]["step"] == 2

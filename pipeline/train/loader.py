@@ -16,6 +16,7 @@ open the store lazily. A shard's chunks all go to the process that holds its ope
 from __future__ import annotations
 
 import collections
+import os
 import pickle
 import queue
 from dataclasses import dataclass, field
@@ -285,10 +286,21 @@ class LocalRunner:
         self._pending.clear()
 
 
-def _loader_main(renderer: ChunkRenderer, tasks, results) -> None:
-    """A loader process: run tasks until told to stop (None); errors go back as results."""
+def _loader_main(renderer: ChunkRenderer, tasks, results, parent: int) -> None:
+    """A loader process: run tasks until told to stop (None); errors go back as results.
+
+    It also stops when its training process is gone: a SIGKILLed Ray Train worker cannot
+    tell it to, and Ray restarts the worker in a new process that spawns its own loaders."""
     torch.set_num_threads(1)
-    while (item := tasks.get()) is not None:
+    while True:
+        try:
+            item = tasks.get(timeout=2.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return
+            continue
+        if item is None:
+            return
         task_id, task = item
         try:
             results.put((task_id, renderer.run(task), None))
@@ -313,7 +325,8 @@ class ProcessRunner:
         self._results = context.Queue()
         self._queues = [context.Queue() for _ in range(workers)]
         self._discarded: set[int] = set()
-        self._processes = [context.Process(target=_loader_main, args=(renderer, q, self._results), daemon=True,
+        self._processes = [context.Process(target=_loader_main, args=(renderer, q, self._results, os.getpid()),
+                                           daemon=True,
                                            name=f"loader-{i}") for i, q in enumerate(self._queues)]
         for process in self._processes:
             process.start()

@@ -17,8 +17,8 @@ import yaml
 
 # Options that may differ between an interrupted run and its resumption: they
 # change where and how fast the run executes, not what it computes.
-RESUME_FREE = frozenset({"resume", "address", "loader_workers", "progress", "interrupt_after_steps",
-                         "checkpoint_every", "log_every"})
+RESUME_FREE = frozenset({"resume", "address", "loader_workers", "progress", "checkpoint_every", "log_every",
+                         "max_failures", "start_timeout"})
 
 
 class ConfigError(ValueError):
@@ -37,7 +37,9 @@ class TrainConfig:
     val_shards: list[str] = field(default_factory=list)
     num_classes: int | None = None  # default: the manifest's class names, else the teachers' heads
     num_workers: int = 1  # Ray Train (DDP) workers
-    cpus_per_worker: float | None = None  # default: the cluster's CPUs shared evenly (torch threads follow)
+    cpus_per_worker: float | None = None  # default: the most whole CPUs every worker gets on the nodes (torch threads follow)
+    max_failures: int = 3  # worker-group failures Ray Train recovers from (from the last checkpoint) before the run fails
+    start_timeout: float = 300.0  # seconds to wait for the workers' resources before giving up
     loader_workers: int = 1  # spawned data loader processes per training worker
     address: str | None = None
     resume: bool = False
@@ -74,7 +76,6 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps; a checkpoint is also written at every epoch end
     log_every: int = 10
     progress: bool = True
-    interrupt_after_steps: int | None = None  # testing: stop (as if killed) right after this step's checkpoint
 
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "num_workers": self.num_workers,
@@ -84,6 +85,10 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.max_failures < 0:
+            raise ConfigError(f"--max-failures must be at least 0, got {self.max_failures}")
+        if self.start_timeout <= 0:
+            raise ConfigError(f"--start-timeout must be positive, got {self.start_timeout}")
         if self.loader_workers < 0:
             raise ConfigError(f"--loader-workers must be at least 0, got {self.loader_workers}")
         if not 0.0 <= self.teacher_drop_prob <= 1.0:

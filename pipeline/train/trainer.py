@@ -1,17 +1,26 @@
 """The training loop of one Ray Train worker: stream, replay, distil, checkpoint, evaluate, export.
 
 ``train_worker`` is what ``TorchTrainer`` runs on each worker (jobs/train_student.py
-launches it). Every worker streams its own disjoint shards; rank 0 writes the
-checkpoints, metrics and the exported model. The loop is deterministic on CPU:
-data order, dropout, mixup and teacher dropping all come from seeded generators
-whose states are checkpointed, so a resumed run ends with the same weights as an
-uninterrupted one.
+launches it); ``run_worker`` runs the same loop in the calling process. Every worker
+streams its own disjoint shards; rank 0 writes the checkpoints, metrics and the
+exported model. The loop is deterministic on CPU: data order, dropout, mixup and
+teacher dropping all come from seeded generators whose states are checkpointed, so a
+resumed run ends with the same weights as an uninterrupted one.
+
+On Ray Train, every checkpoint is also reported with ``ray.train.report``, as a small
+pointer (the run directory and step) rather than a second copy of the state: the run
+directory already holds the state, written once, where ``--resume`` and users find it,
+and it may be on object storage, where a second upload would double the bytes. When
+``FailureConfig(max_failures)`` restarts a lost worker group, ``ray.train.get_checkpoint()``
+returns the last pointer and the new workers restore the run directory's checkpoint.
 """
 
 from __future__ import annotations
 
-import math
+import json
+import tempfile
 import time
+from pathlib import Path
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
@@ -49,10 +58,12 @@ class Position:
 class WorkerRun:
     """One worker's share of a training run: built from the config and the driver's plan, then ``train()``."""
 
-    def __init__(self, config: TrainConfig, plan: dict[str, Any], progress: Any = None):
+    def __init__(self, config: TrainConfig, plan: dict[str, Any], progress: Any = None,
+                 session: RayTrainSession | None = None):
         self.config = config
         self.plan = plan  # what the driver resolved: num_classes, teachers, temperatures, label names
         self.progress = progress
+        self.session = session  # None: not on Ray Train (nothing to report, nothing restored by Ray)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.device = resolve_device(config)
@@ -123,8 +134,7 @@ class WorkerRun:
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> None:
-        if self.config.resume and (position := self.checkpoints.restore()) is not None:
-            self.position = Position(**position)
+        self._restore()
         if self.rank == 0:
             self.log = MetricsLog(self.config.run_dir, self.position.step)
         total = self.config.epochs * self.steps_per_epoch
@@ -161,12 +171,9 @@ class WorkerRun:
                            "data_wait": waited / elapsed,  # the share of the time spent waiting for batches
                            **{("loss" if k == "total" else f"loss/{k}"): float(v) for k, v in parts.items()}})
                 started, images_seen, waited = time.perf_counter(), 0, 0.0
-            interrupt = config.interrupt_after_steps is not None and pos.step >= config.interrupt_after_steps
             # The epoch's last step is checkpointed after evaluation, by train().
-            if pos.step_in_epoch < self.steps_per_epoch and (pos.step % config.checkpoint_every == 0 or interrupt):
+            if pos.step_in_epoch < self.steps_per_epoch and pos.step % config.checkpoint_every == 0:
                 self._save()
-            if interrupt:
-                raise RuntimeError(f"interrupted after step {pos.step} (interrupt_after_steps)")
 
     def _student_images(self, images: torch.Tensor) -> torch.Tensor:
         images = normalize(images.to(self.device), self.input.mean, self.input.std)
@@ -203,6 +210,22 @@ class WorkerRun:
 
     def _save(self) -> None:
         self.checkpoints.save(self.position.step, {f.name: getattr(self.position, f.name) for f in fields(Position)})
+        if self.session is not None:
+            self.session.report_checkpoint(self.position.step, self.rank)
+
+    def _restore(self) -> None:
+        """Continue from the run directory's newest checkpoint when Ray Train restarts the workers
+        after a failure (it hands back the last reported step) or when the run is resumed."""
+        reported = self.session.reported_step() if self.session is not None else None
+        if reported is None and not self.config.resume:
+            return
+        position = self.checkpoints.restore()
+        found = -1 if position is None else position["step"]
+        if reported is not None and found < reported:
+            raise RuntimeError(f"Ray Train restarts this run from step {reported}, but the newest checkpoint in "
+                               f"{self.config.run_dir} is " + (f"step {found}" if position else "missing"))
+        if position is not None:
+            self.position = Position(**position)
 
     # -- reporting -----------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -225,15 +248,51 @@ def _timed(batches: Iterator[StudentBatch]) -> Iterator[tuple[StudentBatch, floa
         yield batch, time.perf_counter() - started
 
 
-def train_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point: ``loop_config`` holds the run's config, the driver's plan and a progress board."""
-    config = TrainConfig.from_dict(loop_config["config"])
-    threads = max(1, math.floor(loop_config["plan"]["cpus_per_worker"]))
-    torch.set_num_threads(threads)
-    run = WorkerRun(config, loop_config["plan"], loop_config.get("progress"))
+class RayTrainSession:
+    """This worker's link to Ray Train: checkpoints reported as pointers, the last one read back on restart."""
+
+    POINTER = "run_checkpoint.json"
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = str(run_dir)
+
+    def report_checkpoint(self, step: int, rank: int) -> None:
+        import ray.train
+
+        # Every rank calls report (it is a barrier); rank 0 alone attaches the pointer.
+        with tempfile.TemporaryDirectory(prefix="run-checkpoint-") as folder:
+            checkpoint = None
+            if rank == 0:
+                pointer = {"run_dir": self.run_dir, "step": step}
+                (Path(folder) / self.POINTER).write_text(json.dumps(pointer))
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report({"step": step}, checkpoint=checkpoint)
+
+    def reported_step(self) -> int | None:
+        """The step of the last checkpoint Ray Train has for this run (None: none yet)."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return int(json.loads((Path(folder) / self.POINTER).read_text())["step"])
+
+
+def run_worker(config: TrainConfig, plan: dict[str, Any], progress: Any = None,
+               session: RayTrainSession | None = None) -> None:
+    """One worker's whole run in this process: world size 1 unless torch.distributed is initialised."""
+    torch.set_num_threads(max(1, int(plan["cpus_per_worker"])))
+    run = WorkerRun(config, plan, progress, session)
     try:
         run.train()
     finally:
         run.train_stream.close()
         if run.val_stream is not None:
             run.val_stream.close()
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``loop_config`` holds the run's config, the driver's plan and a progress board."""
+    config = TrainConfig.from_dict(loop_config["config"])
+    run_worker(config, loop_config["plan"], loop_config.get("progress"), RayTrainSession(config.run_dir))
