@@ -68,11 +68,11 @@ class CacheSummary:
     retried: dict[str, str] = field(default_factory=dict)  # shard name -> why its first try did not finish
     shards_per_node: dict[str, int] = field(default_factory=dict)  # node -> shards cached there in this run
     worker_problems: list[str] = field(default_factory=list)  # workers that could not start
-    read_error: str | None = None  # the store could not be read back after the run
+    store_error: str | None = None  # the store could not be finished or read back after the run
 
     @property
     def ok(self) -> bool:
-        return not self.failed and self.read_error is None
+        return not self.failed and self.store_error is None
 
     def lines(self) -> list[str]:
         out = [f"store: {self.store}",
@@ -93,8 +93,8 @@ class CacheSummary:
         out += [f"retried {name}: {reason}" for name, reason in self.retried.items()]
         out += [f"worker not started: {problem}" for problem in self.worker_problems]
         out += [f"FAILED {name}: {error}" for name, error in self.failed.items()]
-        if self.read_error:
-            out.append(f"FAILED reading the store back: {self.read_error}")
+        if self.store_error:
+            out.append(f"FAILED finishing the store: {self.store_error}")
         return out
 
 
@@ -370,13 +370,12 @@ class _Dispatcher:
 
 
 def _summarize(job: CacheJob, store: CacheStore, dataset: DatasetIndex, run: _Dispatcher | None,
-               seconds: float) -> CacheSummary:
+               seconds: float, store_error: str | None = None) -> CacheSummary:
     teachers = [spec.teacher_id for spec in job.teachers]
-    read_error = None
     try:
         report = store_report(store.path)
     except Exception as e:  # e.g. the object store lost the bucket mid-run: report it with the shards' outcome
-        read_error = f"{type(e).__name__}: {_error_line(e)}"
+        store_error = store_error or _store_lost(job.store, "reading it back", e)
         report = {"dataset": {"invalid_samples": 0}, "bytes": 0,
                   "teachers": {tid: {"bytes_per_view": 0.0, "feature_bytes_per_view": 0.0} for tid in teachers}}
     results = run.results if run else []
@@ -396,7 +395,7 @@ def _summarize(job: CacheJob, store: CacheStore, dataset: DatasetIndex, run: _Di
         worker_images_per_second=images / worker_seconds if worker_seconds > 0 else 0.0,
         retried={name[s]: e for s, e in sorted(run.retried.items())} if run else {},
         shards_per_node=dict(collections.Counter(node[:NODE_ID_CHARS] for node in run.node_of_result)) if run else {},
-        worker_problems=list(run.worker_problems) if run else [], read_error=read_error)
+        worker_problems=list(run.worker_problems) if run else [], store_error=store_error)
 
 
 NODE_ID_CHARS = 12  # node ids are shown by their first characters (as `ray status` does)
@@ -410,7 +409,7 @@ def run_cache_job(job: CacheJob, progress: bool = True) -> CacheSummary:
         raise TeacherSpecError("no teacher given: pass --teacher SPEC (one or more) or --teachers-file")
     start = time.perf_counter()
     dataset = index_dataset(job.shards)
-    run = None
+    run, store_error = None, None
     if teachers_to_run := teachers_with_work(job):
         with ray_session(job.address):
             plan = _plan(job)  # fails at once when no node can host a worker
@@ -422,10 +421,19 @@ def run_cache_job(job: CacheJob, progress: bool = True) -> CacheSummary:
                 run.stop_all()
                 raise
             run.run(pending_work(job, store), progress)
-            store.write_teacher_index()  # the index again, with any teacher another job added meanwhile
+            try:
+                store.write_teacher_index()  # the index again, with any teacher another job added meanwhile
+            except Exception as e:
+                store_error = _store_lost(job.store, "writing its teacher index", e)
     else:
         store = prepare_store(job, dataset)
-    return _summarize(job, store, dataset, run, seconds=time.perf_counter() - start)
+    return _summarize(job, store, dataset, run, seconds=time.perf_counter() - start, store_error=store_error)
+
+
+def _store_lost(path: str, step: str, error: Exception) -> str:
+    """One line for a store that vanished or became unreachable during the run (a deleted folder or bucket)."""
+    return (f"{step} failed ({type(error).__name__}: {_error_line(error)}); the store {path} or its bucket may have "
+            f"been removed or unreachable during the run: rerun the same command to finish it")
 
 
 def teachers_with_work(job: CacheJob) -> list[TeacherSpec]:
