@@ -320,7 +320,11 @@ class _Dispatcher:
                 raise StoreError(f"No space left on device writing store {self.job.store} "
                                  f"(shard {self.dataset.shards[task.shard].name}): free space or move the store, "
                                  "then rerun the same command to resume (completed shards are kept)") from None
-            self._retry(task, _error_line(cause))
+            if isinstance(cause, KeyError):  # zarr's answer for an array that existed when the store was prepared
+                self._retry(task, f"the store has no array {cause} any more: {self.job.store} or its bucket was "
+                                  "removed during the run")
+            else:
+                self._retry(task, _error_line(cause))
         else:
             self.idle.append((task.worker, task.node))
             self.results.append(result)
