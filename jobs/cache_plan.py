@@ -8,8 +8,10 @@ actors pending forever.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from jobs.nodes import NodeResources, describe_nodes, workers_that_fit
 
 # A CPU worker reserves half a CPU: workers always get scheduled, even on 2 cores, and their
 # real parallelism is set by the torch and decode threads they use.
@@ -21,22 +23,6 @@ CPUS_PER_DEFAULT_CPU_WORKER = 8  # default: one CPU worker per 8 CPUs
 
 class ClusterResourceError(ValueError):
     """A request for workers that the cluster's nodes cannot satisfy."""
-
-
-@dataclass(frozen=True)
-class NodeResources:
-    """What one alive node offers: its name (address or id) and its total CPUs and GPUs."""
-
-    name: str
-    cpus: float
-    gpus: float
-
-    @classmethod
-    def from_ray(cls, node: Mapping) -> NodeResources:
-        """From one entry of ``ray.nodes()``."""
-        resources = node.get("Resources", {})
-        return cls(name=str(node.get("NodeManagerAddress") or node.get("NodeID", "?")),
-                   cpus=float(resources.get("CPU", 0)), gpus=float(resources.get("GPU", 0)))
 
 
 @dataclass(frozen=True)
@@ -53,22 +39,6 @@ class WorkerPlan:
         return f"{self.count} {self.device} worker(s) of {self.num_cpus:g} CPU{gpus} each"
 
 
-def describe_nodes(nodes: Sequence[NodeResources]) -> str:
-    if not nodes:
-        return "no alive node"
-    return "; ".join(f"{n.name}: {n.cpus:g} CPU, {n.gpus:g} GPU" for n in nodes)
-
-
-def _slots(nodes: Sequence[NodeResources], cpus: float, gpus: float) -> int:
-    """How many workers of (cpus, gpus) the nodes hold at once."""
-    total = 0
-    for n in nodes:
-        fits = [math.floor(n.cpus / cpus + 1e-9)] if cpus else []
-        fits += [math.floor(n.gpus / gpus + 1e-9)] if gpus else []
-        total += max(0, min(fits)) if fits else 0
-    return total
-
-
 def plan_workers(nodes: Sequence[NodeResources], device: str = "auto", num_workers: int | None = None,
                  decode_workers: int | None = None) -> WorkerPlan:
     """Workers for ``device`` ("auto", "cpu" or "cuda") on the alive ``nodes``.
@@ -81,13 +51,13 @@ def plan_workers(nodes: Sequence[NodeResources], device: str = "auto", num_worke
         if not gpu_nodes:
             raise ClusterResourceError(
                 f"--device cuda needs a node with 1 GPU and {GPU_WORKER_CPUS:g} CPU per cache worker; "
-                f"the alive nodes have: {describe_nodes(nodes)}")
-        slots = _slots(gpu_nodes, GPU_WORKER_CPUS, 1)
+                f"the cluster has {describe_nodes(nodes)}")
+        slots = workers_that_fit(gpu_nodes, GPU_WORKER_CPUS, 1)
         count = num_workers or slots
         if count > slots:
             raise ClusterResourceError(
-                f"--num-workers {count} with --device cuda needs {count} GPUs (1 per worker); the alive nodes "
-                f"hold {slots} such workers: {describe_nodes(nodes)}")
+                f"--num-workers {count} with --device cuda needs {count} GPUs (1 per worker); the nodes hold "
+                f"{slots} such workers; the cluster has {describe_nodes(nodes)}")
         cpus = max(1, min(int(n.cpus // max(1, n.gpus)) for n in gpu_nodes))
         # A GPU worker's CPUs decode (nvjpeg does the JPEGs; the rest and fallbacks use the threads).
         return WorkerPlan(count, "cuda", threads=cpus, decode_workers=decode_workers or max(1, cpus - 1),
@@ -95,17 +65,17 @@ def plan_workers(nodes: Sequence[NodeResources], device: str = "auto", num_worke
     if device not in ("auto", "cpu"):
         raise ClusterResourceError(f"--device must be auto, cpu or cuda, got {device!r}")
     cpu_nodes = [n for n in nodes if n.cpus >= CPU_WORKER_CPUS]
-    slots = _slots(cpu_nodes, CPU_WORKER_CPUS, 0)
+    slots = workers_that_fit(cpu_nodes, CPU_WORKER_CPUS)
     if not cpu_nodes:
         raise ClusterResourceError(
-            f"a CPU cache worker needs {CPU_WORKER_CPUS:g} CPU on one node; the alive nodes have: "
+            f"a CPU cache worker needs {CPU_WORKER_CPUS:g} CPU on one node; the cluster has "
             f"{describe_nodes(nodes)}")
     total_cpus = sum(n.cpus for n in cpu_nodes)
     count = num_workers or max(1, int(total_cpus // CPUS_PER_DEFAULT_CPU_WORKER))
     if count > slots:
         raise ClusterResourceError(
             f"--num-workers {count} CPU workers need {count * CPU_WORKER_CPUS:g} CPUs ({CPU_WORKER_CPUS:g} each); "
-            f"the alive nodes hold {slots}: {describe_nodes(nodes)}")
+            f"the nodes hold {slots} such workers; the cluster has {describe_nodes(nodes)}")
     per_node = math.ceil(count / len(cpu_nodes))  # workers are spread over the nodes
     threads = max(1, int(min(n.cpus for n in cpu_nodes) // per_node))
     # On a CPU the forward and the decoding share the cores and a teacher forwards far fewer

@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from jobs.cache_plan import NodeResources, WorkerPlan, describe_nodes, plan_workers
+from jobs.cache_plan import WorkerPlan, plan_workers
+from jobs.nodes import alive_nodes, describe_nodes
 from pipeline.cache.compat import StoreError
 from pipeline.cache.report import store_report
 from pipeline.cache.shard_cacher import ShardCacher, ShardResult
@@ -172,12 +173,6 @@ class ShardWorker:
         teachers = {tid: self._teacher(tid) for tid in teacher_ids}
         cacher = ShardCacher(self.store, teachers, self.device, self.decode_workers)
         return cacher.process(shard, url, teacher_ids, keys_sha256)
-
-
-def alive_nodes() -> list[NodeResources]:
-    import ray
-
-    return [NodeResources.from_ray(n) for n in ray.nodes() if n.get("Alive")]
 
 
 def _plan(job: CacheJob) -> WorkerPlan:
@@ -355,8 +350,8 @@ class _Dispatcher:
                 ray.kill(worker, no_restart=True)
                 self.worker_problems.append(
                     f"a worker ({self.plan.num_cpus:g} CPU, {self.plan.num_gpus:g} GPU) was not scheduled and ready "
-                    f"within {self.job.worker_start_timeout:g} s (--worker-start-timeout); alive nodes: "
-                    f"{describe_nodes(alive_nodes())}")
+                    f"within {self.job.worker_start_timeout:g} s (--worker-start-timeout); "
+                    f"the cluster has {describe_nodes(alive_nodes())}")
 
     def _fail_queued(self) -> None:
         reason = self.worker_problems[-1] if self.worker_problems else "no worker could be started"

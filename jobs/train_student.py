@@ -22,7 +22,8 @@ import timm
 
 import regla  # noqa: F401  (registers the regla_* models with timm)
 from jobs.ray_env import ray_session
-from jobs.worker_resources import WorkerResources, alive_nodes, describe_nodes, plan_worker_resources
+from jobs.nodes import alive_nodes, describe_nodes
+from jobs.worker_resources import WorkerResources, plan_worker_resources
 from pipeline.cache.store import CacheStore
 from pipeline.data.shards import DatasetIndex, index_dataset
 from pipeline.train.metrics import read_metrics

@@ -12,19 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from jobs.nodes import NodeResources, describe_nodes, workers_that_fit
 from pipeline.train.train_config import ConfigError
 
 
 class PlacementError(ConfigError):
     """No set of alive nodes can ever hold the requested training workers."""
-
-
-@dataclass(frozen=True)
-class NodeResources:
-    cpus: float
-    gpus: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -40,23 +34,6 @@ class WorkerResources:
     @property
     def threads(self) -> int:
         return max(1, math.floor(self.cpus))
-
-
-def workers_that_fit(nodes: Sequence[NodeResources], request: WorkerResources) -> int:
-    """How many workers with this request the nodes hold at once (each worker on one node)."""
-    total = 0
-    for node in nodes:
-        # A small tolerance: Ray keeps resources in fixed point, so 3 x 1/3 CPU must fit on one CPU.
-        by_cpu = math.floor(node.cpus / request.cpus + 1e-9) if request.cpus > 0 else math.inf
-        by_gpu = math.floor(node.gpus / request.gpus + 1e-9) if request.gpus else math.inf
-        total += min(by_cpu, by_gpu)
-    return total
-
-
-def describe_nodes(nodes: Sequence[NodeResources]) -> str:
-    cpus = ", ".join(f"{n.cpus:g}" for n in nodes)
-    gpus = ", ".join(f"{n.gpus:g}" for n in nodes)
-    return f"{len(nodes)} alive node(s) with CPUs [{cpus}] and GPUs [{gpus}]"
 
 
 def plan_worker_resources(nodes: Sequence[NodeResources], num_workers: int, cpus_per_worker: float | None = None,
@@ -76,18 +53,18 @@ def plan_worker_resources(nodes: Sequence[NodeResources], num_workers: int, cpus
         return request
     most = max((math.floor(n.cpus) for n in nodes), default=0)
     for cpus in range(most, 0, -1):
-        if workers_that_fit(nodes, WorkerResources(cpus, gpus)) >= num_workers:
+        if workers_that_fit(nodes, cpus, gpus) >= num_workers:
             return WorkerResources(float(cpus), gpus)
     _check_fits(nodes, num_workers, WorkerResources(1.0, gpus), device)  # raises: not even 1 CPU each fits
     raise AssertionError("unreachable")
 
 
 def _fits_with_gpus(nodes: Sequence[NodeResources], num_workers: int, cpus_per_worker: float | None) -> bool:
-    return workers_that_fit(nodes, WorkerResources(cpus_per_worker or 1.0, 1)) >= num_workers
+    return workers_that_fit(nodes, cpus_per_worker or 1.0, 1) >= num_workers
 
 
 def _check_fits(nodes: Sequence[NodeResources], num_workers: int, request: WorkerResources, device: str) -> None:
-    fit = workers_that_fit(nodes, request)
+    fit = workers_that_fit(nodes, request.cpus, request.gpus)
     if fit >= num_workers:
         return
     wanted = f"{request.cpus:g} CPU" + (f" + {request.gpus} GPU" if request.gpus else "")
@@ -95,14 +72,3 @@ def _check_fits(nodes: Sequence[NodeResources], num_workers: int, request: Worke
         " --device cuda" if device == "cuda" else "")
     raise PlacementError(f"{flags}: {num_workers} training worker(s) of {wanted} each cannot be placed; the "
                          f"cluster has {describe_nodes(nodes)}, which hold {fit} such worker(s) at once")
-
-
-def alive_nodes() -> list[NodeResources]:
-    """The total CPUs and GPUs of every alive node of the connected Ray cluster."""
-    import ray
-
-    return [_node_resources(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
-
-
-def _node_resources(resources: dict[str, Any]) -> NodeResources:
-    return NodeResources(float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0)))

@@ -20,7 +20,8 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from jobs.cache_plan import ClusterResourceError, NodeResources, plan_workers
+from jobs.cache_plan import ClusterResourceError, plan_workers
+from jobs.nodes import NodeResources
 from pipeline.cli import main
 from services import S3Server, free_port, service_env, start_ray_cluster
 
@@ -145,20 +146,20 @@ def running_shard_worker(dashboard_url) -> int | None:
 
 
 def test_plan_uses_nodes_not_the_cluster_total_and_skips_a_head_with_no_cpus():
-    nodes = [NodeResources("head", 0, 0), NodeResources("a", 32, 0), NodeResources("b", 32, 0)]
+    nodes = [NodeResources(0, 0, "head"), NodeResources(32, 0, "a"), NodeResources(32, 0, "b")]
     plan = plan_workers(nodes, "auto")
     assert plan.device == "cpu" and plan.count == 8 and plan.threads == 8 and plan.num_cpus == 0.5
     assert plan_workers(nodes, "cpu", num_workers=2).threads == 32  # one worker per node gets its whole node
-    gpu = plan_workers([NodeResources("head", 0, 0), NodeResources("g", 16, 2)], "auto")
+    gpu = plan_workers([NodeResources(0, 0, "head"), NodeResources(16, 2, "g")], "auto")
     assert (gpu.device, gpu.count, gpu.num_gpus, gpu.threads, gpu.decode_workers) == ("cuda", 2, 1, 8, 7)
 
 
 @pytest.mark.parametrize("nodes, device, workers, needles", [
-    ([NodeResources("head", 2, 0), NodeResources("w", 4, 0)], "cuda", None,
+    ([NodeResources(2, 0, "head"), NodeResources(4, 0, "w")], "cuda", None,
      ["--device cuda", "head: 2 CPU, 0 GPU", "w: 4 CPU, 0 GPU"]),
-    ([NodeResources("g", 8, 1)], "cuda", 3, ["--num-workers 3", "needs 3 GPUs", "g: 8 CPU, 1 GPU"]),
-    ([NodeResources("head", 0, 0)], "cpu", None, ["needs 0.5 CPU", "head: 0 CPU, 0 GPU"]),
-    ([NodeResources("a", 1, 0), NodeResources("b", 1, 0)], "cpu", 5, ["--num-workers 5", "hold 4", "a: 1 CPU"]),
+    ([NodeResources(8, 1, "g")], "cuda", 3, ["--num-workers 3", "needs 3 GPUs", "g: 8 CPU, 1 GPU"]),
+    ([NodeResources(0, 0, "head")], "cpu", None, ["needs 0.5 CPU", "head: 0 CPU, 0 GPU"]),
+    ([NodeResources(1, 0, "a"), NodeResources(1, 0, "b")], "cpu", 5, ["--num-workers 5", "hold 4", "a: 1 CPU"]),
 ])
 def test_a_request_no_node_can_satisfy_is_an_error_naming_it_and_the_nodes(nodes, device, workers, needles):
     with pytest.raises(ClusterResourceError) as info:

@@ -13,7 +13,8 @@ import pytest
 import ray.util.state
 import torch
 
-from jobs.worker_resources import NodeResources, PlacementError, WorkerResources, plan_worker_resources
+from jobs.nodes import NodeResources
+from jobs.worker_resources import PlacementError, WorkerResources, plan_worker_resources
 from services import kill_process_tree, service_env, start_ray_cluster
 from pipeline.data.make_shards import make_mnist_sample
 from test_train_student import _cli, _config, _config_file, _start_cli, _train_in_process, _weights, \
@@ -56,11 +57,11 @@ def test_explicit_requests_that_fit_are_kept():
 
 @pytest.mark.parametrize("nodes, workers, cpus, device, message", [
     (_nodes(32, 32), 1, 64, "auto", "--num-workers 1 --cpus-per-worker 64: 1 training worker(s) of 64 CPU each "
-                                    "cannot be placed; the cluster has 2 alive node(s) with CPUs [32, 32] and GPUs "
-                                    "[0, 0], which hold 0 such worker(s) at once"),
+                                    "cannot be placed; the cluster has 2 alive node(s): node 1: 32 CPU, 0 GPU; node 2: "
+                                    "32 CPU, 0 GPU, which hold 0 such worker(s) at once"),
     (_nodes(32, 32), 1, None, "cuda", "--device cuda: 1 training worker(s) of 1 CPU + 1 GPU each cannot be placed"),
-    (_nodes(1, 1), 3, None, "auto", "CPUs [1, 1] and GPUs [0, 0], which hold 2 such worker(s)"),
-    (_nodes(0), 1, None, "auto", "1 alive node(s) with CPUs [0]"),
+    (_nodes(1, 1), 3, None, "auto", "node 2: 1 CPU, 0 GPU, which hold 2 such worker(s)"),
+    (_nodes(0), 1, None, "auto", "1 alive node(s): node 1: 0 CPU, 0 GPU"),
 ])
 def test_requests_no_node_can_hold_are_refused(nodes, workers, cpus, device, message):
     with pytest.raises(PlacementError) as error:
@@ -81,7 +82,7 @@ def test_request_the_nodes_cannot_hold_fails_in_seconds(data, tmp_path, ray_clus
     seconds = time.monotonic() - started
     assert result.returncode == 1, result.stdout + result.stderr
     assert ("--num-workers 1 --cpus-per-worker 2: 1 training worker(s) of 2 CPU each cannot be placed; the "
-            "cluster has 2 alive node(s) with CPUs [1, 1]") in result.stderr
+            "cluster has 2 alive node(s): 127.0.0.1: 1 CPU, 0 GPU; 127.0.0.1: 1 CPU, 0 GPU") in result.stderr
     assert seconds < 60  # Python, torch and a Ray connection start included; nothing waits for resources
 
 
