@@ -82,7 +82,8 @@ def test_request_the_nodes_cannot_hold_fails_in_seconds(data, tmp_path, ray_clus
     seconds = time.monotonic() - started
     assert result.returncode == 1, result.stdout + result.stderr
     assert ("--num-workers 1 --cpus-per-worker 2: 1 training worker(s) of 2 CPU each cannot be placed; the "
-            "cluster has 2 alive node(s): 127.0.0.1: 1 CPU, 0 GPU; 127.0.0.1: 1 CPU, 0 GPU") in result.stderr
+            "cluster has 2 alive node(s): ") in result.stderr
+    assert result.stderr.count(": 1 CPU, 0 GPU") == 2
     assert seconds < 60  # Python, torch and a Ray connection start included; nothing waits for resources
 
 
