@@ -225,3 +225,20 @@ def test_unknown_job_id_is_one_line(root, ray_cluster):
     assert run.returncode == 1 and run.stderr.strip().splitlines() == [
         f"Error: no job no-such-job at {ray_cluster.dashboard_url} (see `pipeline job list --address "
         f"{ray_cluster.dashboard_url}`)"], run.stderr
+
+
+def test_the_job_runs_the_flags_given_with_local_paths_made_absolute(tmp_path, monkeypatch):
+    """Relative paths (in shard lists, brace patterns, teacher weights) become absolute; URLs, flags not given
+    and this process's --address/--no-wait/--progress do not travel; the job is the driver on the head."""
+    from jobs.job_command import job_arguments
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--shards", "a/t-{0..1}.tar,s3://b/x.tar", "--store", "s3://b/c.zarr", "--teacher",
+            "resnet18@w/r.safetensors,img_size=64", "--teacher", "vit_tiny", "--no-center-view", "--views", "2",
+            "--address", "http://h:8265", "--no-wait", "--progress"]
+    command = main.commands["cache-teachers"]
+    with command.make_context("cache-teachers", args) as ctx:
+        got = job_arguments(ctx, {"shards": "shards", "store_path": "path", "teacher_specs": "teacher"})
+    assert got == ["cache-teachers", "--shards", f"{tmp_path}/a/t-{{0..1}}.tar,s3://b/x.tar", "--store",
+                   "s3://b/c.zarr", "--teacher", f"resnet18@{tmp_path}/w/r.safetensors,img_size=64", "--teacher",
+                   "vit_tiny", "--views", "2", "--no-center-view", "--address", "auto", "--no-progress"]
