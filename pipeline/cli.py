@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import click
 
@@ -57,7 +57,7 @@ def _refuse_ray_client(ctx: click.Context, param: click.Parameter, address: str 
     return address
 
 
-def _cluster_options(here: str):
+def _cluster_options(here: str) -> Callable[[click.Command], click.Command]:
     """``--address`` and ``--no-wait``: run here (as ``here`` says), or submit the command as a Ray job."""
     def decorate(command):
         command = click.option(
@@ -76,9 +76,10 @@ def _cluster_options(here: str):
 
 
 def _submit(address: str | None, no_wait: bool, locations: dict[str, str] | None = None,
-            resolved: dict | None = None, check=None) -> None:
+            resolved: dict | None = None, check: Callable[[], object] | None = None) -> None:
     """With a Jobs API address: run ``check`` (the command's checks that need no cluster), then submit the
-    command as a Ray job and exit with its outcome. Without one, return and let the command run here."""
+    command as a Ray job and exit with its outcome. Without one, return and let the command run here.
+    ``locations`` says which parameters hold local paths: "path", "shards" (a shard list) or "teacher" (a spec)."""
     from jobs.submit import jobs_api_url
 
     url = jobs_api_url(address)
@@ -95,7 +96,9 @@ def _submit(address: str | None, no_wait: bool, locations: dict[str, str] | None
 
 def _driver_address(address: str | None) -> str | None:
     """The address for this process as the Ray driver: None (embedded Ray) when it is a Jobs API URL."""
-    return None if address and address.startswith(("http://", "https://")) else address
+    from jobs.submit import jobs_api_url
+
+    return None if jobs_api_url(address) else address
 
 
 def _count(name: str, img_size: int) -> tuple[float, float]:
@@ -485,7 +488,7 @@ def job() -> None:
     """
 
 
-def _job_address(command):
+def _job_address(command: Callable) -> Callable:
     return click.option("--address", metavar="URL",
                         help="The cluster's Jobs API, http://HEAD:8265.  [default: RAY_ADDRESS]")(command)
 
