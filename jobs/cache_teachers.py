@@ -404,10 +404,8 @@ def run_cache_job(job: CacheJob, progress: bool = True) -> CacheSummary:
     """Cache every teacher of ``job`` over every shard not cached yet; return the summary."""
     from jobs.ray_env import ray_session
 
-    if not job.teachers:
-        raise TeacherSpecError("no teacher given: pass --teacher SPEC (one or more) or --teachers-file")
     start = time.perf_counter()
-    dataset = index_dataset(job.shards)
+    dataset = check_inputs(job)
     run, store_error = None, None
     if teachers_to_run := teachers_with_work(job):
         with ray_session(job.address):
@@ -427,6 +425,20 @@ def run_cache_job(job: CacheJob, progress: bool = True) -> CacheSummary:
     else:
         store = prepare_store(job, dataset)
     return _summarize(job, store, dataset, run, seconds=time.perf_counter() - start, store_error=store_error)
+
+
+def check_inputs(job: CacheJob) -> DatasetIndex:
+    """The checks that need no Ray, in seconds: teachers given, shards indexed, and an existing store
+    made from these shards with these view settings. Returns the shards' index."""
+    if not job.teachers:
+        raise TeacherSpecError("no teacher given: pass --teacher SPEC (one or more) or --teachers-file")
+    dataset = index_dataset(job.shards)
+    try:
+        store = CacheStore.open(job.store)
+    except StoreError:
+        return dataset  # none yet (or not a store): the job creates it, or refuses the path, later
+    store.check_compatible(dataset, job.config)
+    return dataset
 
 
 def _store_lost(path: str, step: str, error: Exception) -> str:

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import click
 
@@ -27,7 +27,7 @@ def main() -> None:
 # light command (make-shards) does not import torch and zarr just to name their errors.
 _USER_ERRORS = (("pipeline.data.shards", "DatasetError"), ("pipeline.data.shards", "ImageDecodeError"),
                 ("pipeline.cache.compat", "StoreError"), ("teachers.spec", "TeacherSpecError"),
-                ("jobs.cache_plan", "ClusterResourceError"))
+                ("jobs.cache_plan", "ClusterResourceError"), ("jobs.submit", "SubmitError"))
 
 
 @contextlib.contextmanager
@@ -43,6 +43,62 @@ def _clean_errors() -> Iterator[None]:
         if isinstance(e, user_errors):
             raise click.ClickException(str(e)) from e
         raise
+
+
+def _refuse_ray_client(ctx: click.Context, param: click.Parameter, address: str | None) -> str | None:
+    """Refuse ray:// before anything else runs (the rest of the address handling is in jobs.submit)."""
+    if address and address.startswith("ray://"):
+        from jobs.submit import SubmitError, jobs_api_url
+
+        try:
+            jobs_api_url(address)
+        except SubmitError as e:
+            raise click.ClickException(str(e)) from None
+    return address
+
+
+def _cluster_options(here: str) -> Callable[[click.Command], click.Command]:
+    """``--address`` and ``--no-wait``: run here (as ``here`` says), or submit the command as a Ray job."""
+    def decorate(command):
+        command = click.option(
+            "--no-wait", is_flag=True,
+            help="With an http:// address: print the job id and how to follow or stop it, and return at once."
+        )(command)
+        return click.option(
+            "--address", metavar="ADDR", callback=_refuse_ray_client,
+            help="http://HEAD:8265 (or RAY_ADDRESS holding an http(s) URL): submit this command to the cluster's "
+                 "Jobs API as a Ray job, which runs it on the head node, and follow its logs (Ctrl-C stops "
+                 "following, not the job). Local paths are made absolute: the nodes must see them at the same "
+                 "paths; URLs (s3://...) pass as given. ray:// is not supported. "
+                 f"auto or HOST:PORT (a GCS address): {here}"
+        )(command)
+    return decorate
+
+
+def _submit(address: str | None, no_wait: bool, locations: dict[str, str] | None = None,
+            resolved: dict | None = None, check: Callable[[], object] | None = None) -> None:
+    """With a Jobs API address: run ``check`` (the command's checks that need no cluster), then submit the
+    command as a Ray job and exit with its outcome. Without one, return and let the command run here.
+    ``locations`` says which parameters hold local paths: "path", "shards" (a shard list) or "teacher" (a spec)."""
+    from jobs.submit import jobs_api_url
+
+    url = jobs_api_url(address)
+    if url is None:
+        return
+    from jobs.job_command import job_arguments
+    from jobs.submit import submit
+
+    if check is not None:
+        check()
+    args = job_arguments(click.get_current_context(), locations, resolved)
+    raise SystemExit(submit(url, args, wait=not no_wait))
+
+
+def _driver_address(address: str | None) -> str | None:
+    """The address for this process as the Ray driver: None (embedded Ray) when it is a Jobs API URL."""
+    from jobs.submit import jobs_api_url
+
+    return None if jobs_api_url(address) else address
 
 
 def _count(name: str, img_size: int) -> tuple[float, float]:
@@ -107,10 +163,11 @@ def models(img_size: int, as_json: bool) -> None:
 @click.option("--num-workers", type=click.IntRange(min=1),
               help="Processes building shards, one shard at a time each; the output is the same bytes "
                    "whatever the number.  [default: one per CPU]")
+@_cluster_options("run here (this command uses no Ray).")
 @click.pass_context
 def make_shards(ctx: click.Context, folder: str | None, sample: str | None, out: str, samples_per_shard: int,
                 split_name: str, img_size: int, val_fraction: float, seed: int, no_shuffle: bool,
-                num_workers: int | None) -> None:
+                num_workers: int | None, address: str | None, no_wait: bool) -> None:
     """Pack images into WebDataset tar shards (jpg + cls members) with a JSON manifest per split.
 
     With --from-folder, the image files (sorted by class and name, then shuffled with --seed)
@@ -133,6 +190,8 @@ def make_shards(ctx: click.Context, folder: str | None, sample: str | None, out:
     if misplaced:
         raise click.UsageError(f"{', '.join(misplaced)} cannot be used with "
                                f"{'--sample' if sample else '--from-folder'}")
+    with _clean_errors():
+        _submit(address, no_wait, {"folder": "path", "out": "path"})
 
     import warnings
 
@@ -247,13 +306,13 @@ def _cache_config(store_path: str, options: dict):
 @click.option("--dry-run", is_flag=True,
               help="Write nothing: read the shard index, time one batch of each teacher on this machine, and "
                    "print the store's size, the images and views, and the projected hours per worker.")
-@click.option("--address", metavar="ADDR",
-              help="Ray cluster address (e.g. ray://host:10001 or auto). Default: an embedded local Ray.")
+@_cluster_options("this process is the Ray driver of that running cluster (the project must be installed "
+                  "on every node).  [default: an embedded local Ray]")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def cache_teachers(shards: tuple[str, ...], store_path: str, teacher_specs: tuple[str, ...],
                    teachers_file: str | None, random_init: bool, num_workers: int | None, device: str,
                    decode_workers: int | None, max_retries: int, shard_timeout: float, worker_start_timeout: float,
-                   dry_run: bool, address: str | None, progress: bool, **view_options) -> None:
+                   dry_run: bool, address: str | None, no_wait: bool, progress: bool, **view_options) -> None:
     """Run teachers once over the shards and cache their per-view outputs in a Zarr store.
 
     Each sample gets V augmented views (crop box + flip, deterministic from the seed
@@ -263,7 +322,7 @@ def cache_teachers(shards: tuple[str, ...], store_path: str, teacher_specs: tupl
     existing store computes only that teacher, on the stored views. View settings
     not given are taken from an existing store.
     """
-    from jobs.cache_teachers import CacheJob, run_cache_job
+    from jobs.cache_teachers import CacheJob, check_inputs, run_cache_job
     from teachers import load_teachers_file, parse_teacher_spec
 
     with _clean_errors():
@@ -274,9 +333,11 @@ def cache_teachers(shards: tuple[str, ...], store_path: str, teacher_specs: tupl
         specs = [dataclasses.replace(s, weights=os.path.abspath(s.weights)) if s.weights else s for s in specs]
         job = CacheJob(shards=list(shards), store=store_path, teachers=specs,
                        config=_cache_config(store_path, view_options), random_init=random_init,
-                       num_workers=num_workers, address=address, max_retries=max_retries, device=device,
-                       decode_workers=decode_workers, shard_timeout=shard_timeout,
+                       num_workers=num_workers, address=_driver_address(address), max_retries=max_retries,
+                       device=device, decode_workers=decode_workers, shard_timeout=shard_timeout,
                        worker_start_timeout=worker_start_timeout)
+        _submit(address, no_wait, {"shards": "shards", "store_path": "path", "teachers_file": "path",
+                                   "teacher_specs": "teacher"}, check=lambda: check_inputs(job))
         if dry_run:
             from jobs.cache_dry_run import estimate_cache_job
 
@@ -341,7 +402,8 @@ def _train_options(config_file: str | None, flags: dict) -> dict:
                    "failure; a request no node can ever hold fails at once.  [default: 300]")
 @click.option("--loader-workers", type=click.IntRange(min=0),
               help="Spawned data-loading processes per worker; 0 loads in the training process.  [default: 1]")
-@click.option("--address", metavar="ADDR", help="Ray cluster address. Default: an embedded local Ray.")
+@_cluster_options("this process is the Ray driver of that running cluster (the project must be installed "
+                  "on every node).  [default: an embedded local Ray]")
 @click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its last checkpoint.")
 @click.option("--no-distill", is_flag=True, default=None, help="Train with labels alone (no teachers).")
 @click.option("--teacher", "teachers", multiple=True, metavar="ID",
@@ -383,7 +445,7 @@ def _train_options(config_file: str | None, flags: dict) -> dict:
 @click.option("--checkpoint-every", type=click.IntRange(min=1),
               help="Checkpoint every N steps (and at every epoch end).  [default: 500]")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar.  [default: on]")
-def train_student(config_file: str | None, **flags) -> None:
+def train_student(config_file: str | None, no_wait: bool, **flags) -> None:
     """Train a student on the shards, distilling the teachers cached in --store.
 
     Each sample replays one of its cached views (crop box + flip) at the student's
@@ -392,7 +454,7 @@ def train_student(config_file: str | None, **flags) -> None:
     a cluster with --address. Writes RUN_DIR/metrics.jsonl, curves.png, checkpoints
     and, at the end, model.safetensors + config.json (timm format).
     """
-    from jobs.train_student import TrainingFailed, run_training
+    from jobs.train_student import TrainingFailed, plan_run, run_training
     from pipeline.train.train_config import ConfigError, TrainConfig
 
     with _clean_errors():
@@ -400,12 +462,91 @@ def train_student(config_file: str | None, **flags) -> None:
         for name in ("shards", "out"):
             if not options.get(name):
                 raise click.UsageError(f"missing --{name} (as a flag or in --config)")
+        address = options.pop("address", None)
+        options["address"] = _driver_address(address)
         try:
+            # The config file's relative paths mean this directory: the job gets them resolved, as flags.
+            _submit(address, no_wait, {"config_file": "path", "shards": "shards", "val_shards": "shards",
+                                       "store": "path", "out": "path", "online_teachers": "teacher"},
+                    resolved={name: options.get(name) for name in ("shards", "val_shards", "store", "out")},
+                    check=lambda: plan_run(TrainConfig.from_dict(options)))
             summary = run_training(TrainConfig.from_dict(options))
         except (ConfigError, TrainingFailed) as e:
             raise click.ClickException(str(e)) from e
     for line in summary.lines():
         click.echo(line)
+
+
+@main.group("job")
+def job() -> None:
+    """Follow, inspect or stop the Ray jobs that `--address http://HEAD:8265` submitted.
+
+    \b
+    Examples:
+    pipeline job list --address http://head:8265
+    pipeline job logs JOB_ID --address http://head:8265 --follow
+    """
+
+
+def _job_address(command: Callable) -> Callable:
+    return click.option("--address", metavar="URL",
+                        help="The cluster's Jobs API, http://HEAD:8265.  [default: RAY_ADDRESS]")(command)
+
+
+def _jobs_api(address: str | None) -> str:
+    from jobs.submit import jobs_api_url
+
+    url = jobs_api_url(address)
+    if url is None:
+        raise click.ClickException(f"--address {address}: expected the cluster's Jobs API, http://HEAD:8265"
+                                   if address else "missing --address http://HEAD:8265 (or RAY_ADDRESS)")
+    return url
+
+
+@job.command("list")
+@_job_address
+def job_list(address: str | None) -> None:
+    """List the submitted jobs: id, status, start time, command."""
+    from jobs.submit import list_lines
+
+    with _clean_errors():
+        for line in list_lines(_jobs_api(address)):
+            click.echo(line)
+
+
+@job.command("status")
+@click.argument("job_id")
+@_job_address
+def job_status(job_id: str, address: str | None) -> None:
+    """Print a job's status; exit 1 if it FAILED (with its error line) or was STOPPED."""
+    from jobs.submit import status
+
+    with _clean_errors():
+        raise SystemExit(status(_jobs_api(address), job_id))
+
+
+@job.command("logs")
+@click.argument("job_id")
+@_job_address
+@click.option("--follow", is_flag=True,
+              help="Stream the logs until the job ends; exit 0 if it succeeded, else 1 (Ctrl-C stops following).")
+def job_logs(job_id: str, address: str | None, follow: bool) -> None:
+    """Print a job's logs (its command's output)."""
+    from jobs.submit import logs
+
+    with _clean_errors():
+        raise SystemExit(logs(_jobs_api(address), job_id, follow))
+
+
+@job.command("stop")
+@click.argument("job_id")
+@_job_address
+def job_stop(job_id: str, address: str | None) -> None:
+    """Stop a running job (its driver and the Ray workers it started)."""
+    from jobs.submit import stop
+
+    with _clean_errors():
+        raise SystemExit(stop(_jobs_api(address), job_id))
 
 
 @main.command("quickstart")

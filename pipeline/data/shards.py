@@ -113,13 +113,14 @@ def expand_shard_urls(spec: str | Sequence[str]) -> list[str]:
     Each entry is a brace pattern, a glob, a directory (its ``*.tar``, sorted), a manifest
     ``.json`` or a file. Local paths become absolute; fsspec URLs are kept as given.
     """
-    urls = [url for entry in _spec_entries(spec) for url in _expand_entry(entry)]
+    urls = [url for entry in shard_spec_entries(spec) for url in _expand_entry(entry)]
     if not urls:
         raise DatasetError(f"no shards in {spec!r}")
     return urls
 
 
-def _spec_entries(spec: str | Sequence[str]) -> list[str]:
+def shard_spec_entries(spec: str | Sequence[str]) -> list[str]:
+    """The entries of a shard spec (commas inside brace patterns kept), before any expansion."""
     entries = _split_outside_braces(spec) if isinstance(spec, str) else list(spec)
     return [e.strip() for e in entries if e.strip()]
 
@@ -240,7 +241,7 @@ def index_dataset(spec: str | Sequence[str]) -> DatasetIndex:
     A manifest spec is read as is (its shards must exist); anything else is indexed by
     reading every tar's member headers. Keys must be unique across the whole dataset.
     """
-    entries = _spec_entries(spec)
+    entries = shard_spec_entries(spec)
     if len(entries) == 1 and _is_manifest(entries[0]):
         return _index_from_manifest(entries[0])
     return _index_by_scan(expand_shard_urls(spec))
