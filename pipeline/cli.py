@@ -271,7 +271,7 @@ def cache_teachers(shards: tuple[str, ...], store_path: str, teacher_specs: tupl
         if teachers_file:
             specs += load_teachers_file(teachers_file)
         # Workers may run in another directory (or on another node): give them absolute paths.
-        specs = [dataclasses.replace(s, weights=os.path.abspath(s.weights)) if s.weights else s for s in specs]
+        specs = [dataclasses.replace(s, weights=_absolute(s.weights)) if s.weights else s for s in specs]
         job = CacheJob(shards=list(shards), store=store_path, teachers=specs,
                        config=_cache_config(store_path, view_options), random_init=random_init,
                        num_workers=num_workers, address=address, max_retries=max_retries, device=device,
@@ -290,8 +290,11 @@ def cache_teachers(shards: tuple[str, ...], store_path: str, teacher_specs: tupl
         raise SystemExit(1)
 
 def _absolute(location: str) -> str:
-    """Local paths made absolute (Ray workers may run elsewhere); fsspec URLs left as given."""
-    return location if "://" in location else os.path.abspath(os.path.expanduser(location))
+    """Local paths made absolute (Ray workers may run elsewhere); fsspec URLs left as given, once checked
+    to carry no credentials."""
+    from pipeline.data.storage import absolute
+
+    return absolute(location)
 
 
 def _train_options(config_file: str | None, flags: dict) -> dict:
