@@ -89,7 +89,8 @@ def models(img_size: int, as_json: bool) -> None:
 @click.option("--sample", type=click.Choice(["mnist"]),
               help="Build the bundled sample instead: 5000 real MNIST digits, split into train and val.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Output directory for the shards and their manifests.")
+              help="Output directory for the shards and their manifests: a local path or an s3:// / gs:// URL "
+                   "(built in a local temp folder, then uploaded, the manifests last).")
 @click.option("--samples-per-shard", default=500, show_default=True, type=click.IntRange(min=1),
               help="Samples per tar shard; the last shard of a split holds fewer, and so does a shard with "
                    "skipped files.")
@@ -209,7 +210,8 @@ def _cache_config(store_path: str, options: dict):
 @click.option("--store", "store_path", required=True, metavar="PATH",
               help="Zarr store to create, resume or extend (local path or fsspec URL).")
 @click.option("--teacher", "teacher_specs", multiple=True, metavar="SPEC",
-              help="Teacher: NAME, NAME.pretrained_tag or NAME@/path/weights.safetensors, with optional "
+              help="Teacher: NAME, NAME.pretrained_tag or NAME@/path/weights.safetensors (or an s3:// / gs:// URL), "
+                   "with optional "
                    "',key=value' options (img_size, batch_size, dtype=fp32|bf16|fp16, features=false, "
                    "num_classes, id). Repeat for several teachers.")
 @click.option("--teachers-file", type=click.Path(exists=True, dir_okay=False),
@@ -324,7 +326,8 @@ def _train_options(config_file: str | None, flags: dict) -> dict:
 @click.option("--store", metavar="PATH", help="Teacher cache built by cache-teachers on the same shards.")
 @click.option("--model", help="Student: any timm model name.  [default: regla_t]")
 @click.option("--out", metavar="RUN_DIR",
-              help="Run directory: run.json, checkpoints/, metrics.jsonl, curves.png, model.safetensors.")
+              help="Run directory (a local path or an s3:// / gs:// URL): run.json, checkpoints/, metrics.jsonl, "
+                   "curves.png, model.safetensors.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Training epochs.  [default: 10]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Batch size per worker.  [default: 128]")
 @click.option("--img-size", type=click.IntRange(min=1),

@@ -131,8 +131,11 @@ def test_metrics_parts_are_cut_back_on_resume_and_joined_at_the_end(s3):
         log.write({"kind": "train", "step": step, "loss": 1.0})
         if step % 2 == 0:
             log.flush()  # as before every checkpoint
+    log.write({"kind": "eval", "step": 4, "epoch": 1, "top1": 40.0})
+    log.flush()  # a second flush at the same step keeps the first one's records
     log.write({"kind": "train", "step": 5, "loss": 1.0})  # never flushed: the run was killed
-    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+    assert [(r["kind"], r["step"]) for r in read_metrics(run)] == [("train", 1), ("train", 2), ("train", 3),
+                                                                   ("train", 4), ("eval", 4)]
     resumed = MetricsLog(run, resume_step=2)  # the checkpoint of step 4 never committed
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
     for step in (3, 4):

@@ -31,6 +31,10 @@ class StorageError(OSError):
     """A location that cannot be used or reached; the message names the location."""
 
 
+class LocationNotFound(StorageError):
+    """The location does not exist (as opposed to a store that cannot be reached or read)."""
+
+
 def is_url(location: str) -> bool:
     return "://" in location
 
@@ -91,6 +95,8 @@ def storage_errors(location: str) -> Iterator[None]:
         extra = _EXTRAS.get(location.split("://", 1)[0].lower())
         hint = f"install the [{extra}] extra (pip install 'regla-distill[{extra}]')" if extra else str(e)
         raise StorageError(f"{location}: {hint}") from e
+    except FileNotFoundError as e:
+        raise LocationNotFound(f"{location}: not found") from e
     except OSError as e:
         raise StorageError(f"{location}: {_reason(e)}") from e
     except Exception as e:
@@ -100,8 +106,6 @@ def storage_errors(location: str) -> Iterator[None]:
 
 
 def _reason(error: BaseException) -> str:
-    if isinstance(error, FileNotFoundError):
-        return "not found"
     if isinstance(error, PermissionError):
         return f"permission denied ({error.strerror or error})" if error.strerror else "permission denied"
     text = (getattr(error, "strerror", None) or str(error) or type(error).__name__).strip().splitlines()

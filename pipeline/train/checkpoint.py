@@ -71,11 +71,15 @@ def _prune(run_dir: str, keep_from: int) -> None:
 
 
 def read_committed(run_dir: str, step: int) -> bytes | None:
-    """The bytes of checkpoint ``step`` if its marker exists and matches them, else None."""
+    """The bytes of checkpoint ``step`` if its marker exists and matches them, else None.
+
+    Only a missing or unparsable file makes a checkpoint unusable: a store that cannot be
+    reached raises, rather than letting a resumed run silently start from an older step.
+    """
     try:
         marker = json.loads(storage.read_text(marker_path(run_dir, step)))
         data = storage.read_bytes(checkpoint_path(run_dir, step))
-    except (storage.StorageError, ValueError):
+    except (storage.LocationNotFound, ValueError):
         return None
     if (not isinstance(marker, dict) or marker.get("step") != step or marker.get("bytes") != len(data)
             or marker.get("sha256") != hashlib.sha256(data).hexdigest()):

@@ -59,6 +59,7 @@ class MetricsLog:
         self.run_dir = str(run_dir)
         self.append = not storage.is_remote(self.run_dir)
         self.pending: list[dict[str, Any]] = []
+        self.last_part: tuple[int, list[dict[str, Any]]] | None = None  # (step, records) of this log's last part
         kept = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= resume_step] if resume_step else []
         if self.append:
             path = storage.local_path(metrics_path(self.run_dir))
@@ -88,8 +89,10 @@ class MetricsLog:
         """Make every record written so far visible to readers (one new part on object storage)."""
         if self.pending:
             step = max(r.get("step", 0) for r in self.pending)
+            if self.last_part is not None and self.last_part[0] == step:  # more records of the last part's step
+                self.pending = self.last_part[1] + self.pending
             storage.write_text(_part_path(self.run_dir, step), _lines(self.pending))
-            self.pending = []
+            self.last_part, self.pending = (step, self.pending), []
 
     def close(self) -> None:
         """Flush, and on object storage join the parts into ``metrics.jsonl``."""
