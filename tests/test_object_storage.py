@@ -222,7 +222,7 @@ def test_pipeline_on_s3_end_to_end_and_a_killed_run_resumes_from_s3(s3, s3_serve
     assert "shards: 3 cached now, 0 already complete, 0 failed" in printed[-1]
 
     train = ["train-student", "--shards", manifest, "--val-shards", manifest, "--store", f"{s3}/cache.zarr",
-             "--model", "regla_t", "--img-size", 32, "--epochs", 3, "--batch-size", 16, "--seed", 3,
+             "--model", "regla_t", "--img-size", 32, "--epochs", 2, "--batch-size", 16, "--seed", 3,
              "--loader-workers", 0, "--cpus-per-worker", 1, "--checkpoint-every", 1, "--no-progress"]
     printed.append(_run([*train, "--out", f"{s3}/whole"], env))
     assert "val top-1" in printed[-1] and "(48 samples)" in printed[-1]
@@ -239,7 +239,7 @@ def test_pipeline_on_s3_end_to_end_and_a_killed_run_resumes_from_s3(s3, s3_serve
                  "ema/model.safetensors"):
         assert fs.exists(f"{bucket}/whole/{name}"), name
     records = [json.loads(line) for line in fs.cat_file(f"{bucket}/whole/metrics.jsonl").decode().splitlines()]
-    assert [r["epoch"] for r in records if r["kind"] == "eval"] == [1, 2, 3]
+    assert [r["epoch"] for r in records if r["kind"] == "eval"] == [1, 2]
 
     # Killed from outside once a committed checkpoint is on S3, then resumed.
     killed = _cli([*train, "--out", f"{s3}/cut"], env)
