@@ -276,7 +276,7 @@ def _output_folder(out: str, splits: Sequence[str]) -> Iterator[str]:
     if local is not None:
         yield local
         return
-    storage.check_location(out)
+    storage.listdir(out)  # a missing extra, a wrong endpoint or bad credentials fail now, not after the build
     with tempfile.TemporaryDirectory(prefix="shards-") as folder:
         yield folder
         manifests = [f"{split}.json" for split in splits]
