@@ -95,6 +95,26 @@ def test_an_unreachable_location_is_one_line_naming_it(s3):
     assert len(str(error.value).splitlines()) == 1
 
 
+def test_make_shards_uploads_to_s3_and_removes_stale_shards(s3, tmp_path):
+    from pipeline.data.shards import index_dataset
+
+    rng = np.random.default_rng(1)
+    for c in range(2):
+        (tmp_path / "images" / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+                tmp_path / "images" / f"c{c}" / f"{i}.jpg")
+    storage.write_bytes(f"{s3}/shards/train-000007.tar", b"left by an earlier, larger build")
+    result = CliRunner().invoke(main, ["make-shards", "--from-folder", str(tmp_path / "images"), "--out",
+                                       f"{s3}/shards", "--samples-per-shard", "3", "--num-workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert f"train: 8 samples in 3 shards, manifest {s3}/shards/train.json" in result.output
+    assert storage.listdir(f"{s3}/shards") == ["train-000000.tar", "train-000001.tar", "train-000002.tar",
+                                               "train.json"]
+    dataset = index_dataset(f"{s3}/shards/train.json")
+    assert dataset.num_samples == 8 and dataset.shards[0].url == f"{s3}/shards/train-000000.tar"
+
+
 # ---------------------------------------------------------------------------- checkpoints and metrics
 
 
