@@ -27,6 +27,7 @@ from pipeline.cache.compat import StoreError
 from pipeline.cache.report import store_report
 from pipeline.cache.shard_cacher import ShardCacher, ShardResult
 from pipeline.cache.store import CacheConfig, CacheStore
+from pipeline.data import storage
 from pipeline.data.shards import DatasetIndex, index_dataset
 from teachers import Teacher, TeacherSpec, TeacherSpecError, load_teacher
 
@@ -47,6 +48,12 @@ class CacheJob:
     decode_workers: int | None = None  # decode threads per worker; default from the CPUs per worker
     shard_timeout: float = 3600.0  # seconds one shard may stay in flight before its worker is replaced
     worker_start_timeout: float = 600.0  # seconds a worker may take to be scheduled and load its teachers
+
+    def __post_init__(self) -> None:
+        # Shard locations are recorded in the store and printed: none may carry a secret.
+        entries = [self.shards] if isinstance(self.shards, str) else self.shards
+        for location in [self.store, *(part for entry in entries for part in entry.split(","))]:
+            storage.check_location(location.strip())
 
 
 @dataclass

@@ -86,8 +86,8 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
                                       for name in config.teachers], labels=list(config.teachers))
         teachers = dict(zip(config.teachers, teacher_runs))
         store = out / "cache.zarr"
-        specs = [parse_teacher_spec(f"{name}@{summary.run_dir / 'model.safetensors'},img_size={config.img_size}")
-                 for name, summary in teachers.items()]
+        weights = {name: os.path.join(summary.run_dir, "model.safetensors") for name, summary in teachers.items()}
+        specs = [parse_teacher_spec(f"{name}@{path},img_size={config.img_size}") for name, path in weights.items()]
         cache_config = CacheConfig(views=ViewPolicy(num_views=config.views, seed=config.seed), topk=config.topk)
         cached = run_cache_job(CacheJob(shards=train_manifest, store=str(store), teachers=specs,
                                         config=cache_config), progress=config.progress)

@@ -14,7 +14,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -25,6 +24,7 @@ from jobs.ray_env import ray_session
 from jobs.nodes import alive_nodes, describe_nodes
 from jobs.worker_resources import WorkerResources, plan_worker_resources
 from pipeline.cache.store import CacheStore
+from pipeline.data import storage
 from pipeline.data.shards import DatasetIndex, index_dataset
 from pipeline.train.metrics import read_metrics
 from pipeline.train.train_config import ConfigError, TrainConfig, check_run_dir, save_run_config
@@ -51,7 +51,7 @@ class ProgressBoard:
 
 @dataclass
 class TrainSummary:
-    run_dir: Path
+    run_dir: str
     model: str
     steps: int
     seconds: float
@@ -178,7 +178,7 @@ def run_trainings(configs: list[TrainConfig], labels: list[str] | None = None) -
     addresses = {config.address for config in configs}
     if len(addresses) > 1:
         raise ConfigError(f"runs trained together must share one Ray address, got {sorted(map(str, addresses))}")
-    labels = labels or [config.run_dir.name for config in configs]
+    labels = labels or [storage.basename(config.run_dir) for config in configs]
     plans = [plan_run(config) for config in configs]
     for config in configs:
         save_run_config(config)
@@ -189,7 +189,7 @@ def run_trainings(configs: list[TrainConfig], labels: list[str] | None = None) -
         for config, plan, request, label in zip(configs, plans, resources, labels):
             plan["cpus_per_worker"] = request.cpus
             board = _progress_board()
-            storage_path, storage_filesystem = _ray_storage(str(config.out))
+            storage_path, storage_filesystem = _ray_storage(config.run_dir)
             trainer = TorchTrainer(
                 train_worker,
                 train_loop_config={"config": config.to_dict(), "plan": plan, "progress": board},

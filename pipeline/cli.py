@@ -145,7 +145,8 @@ def models(img_size: int, as_json: bool) -> None:
 @click.option("--sample", type=click.Choice(["mnist"]),
               help="Build the bundled sample instead: 5000 real MNIST digits, split into train and val.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Output directory for the shards and their manifests.")
+              help="Output directory for the shards and their manifests: a local path or an s3:// / gs:// URL "
+                   "(built in a local temp folder, then uploaded, the manifests last).")
 @click.option("--samples-per-shard", default=500, show_default=True, type=click.IntRange(min=1),
               help="Samples per tar shard; the last shard of a split holds fewer, and so does a shard with "
                    "skipped files.")
@@ -268,7 +269,8 @@ def _cache_config(store_path: str, options: dict):
 @click.option("--store", "store_path", required=True, metavar="PATH",
               help="Zarr store to create, resume or extend (local path or fsspec URL).")
 @click.option("--teacher", "teacher_specs", multiple=True, metavar="SPEC",
-              help="Teacher: NAME, NAME.pretrained_tag or NAME@/path/weights.safetensors, with optional "
+              help="Teacher: NAME, NAME.pretrained_tag or NAME@/path/weights.safetensors (or an s3:// / gs:// URL), "
+                   "with optional "
                    "',key=value' options (img_size, batch_size, dtype=fp32|bf16|fp16, features=false, "
                    "num_classes, id). Repeat for several teachers.")
 @click.option("--teachers-file", type=click.Path(exists=True, dir_okay=False),
@@ -330,7 +332,7 @@ def cache_teachers(shards: tuple[str, ...], store_path: str, teacher_specs: tupl
         if teachers_file:
             specs += load_teachers_file(teachers_file)
         # Workers may run in another directory (or on another node): give them absolute paths.
-        specs = [dataclasses.replace(s, weights=os.path.abspath(s.weights)) if s.weights else s for s in specs]
+        specs = [dataclasses.replace(s, weights=_absolute(s.weights)) if s.weights else s for s in specs]
         job = CacheJob(shards=list(shards), store=store_path, teachers=specs,
                        config=_cache_config(store_path, view_options), random_init=random_init,
                        num_workers=num_workers, address=_driver_address(address), max_retries=max_retries,
@@ -351,8 +353,11 @@ def cache_teachers(shards: tuple[str, ...], store_path: str, teacher_specs: tupl
         raise SystemExit(1)
 
 def _absolute(location: str) -> str:
-    """Local paths made absolute (Ray workers may run elsewhere); fsspec URLs left as given."""
-    return location if "://" in location else os.path.abspath(os.path.expanduser(location))
+    """Local paths made absolute (Ray workers may run elsewhere); fsspec URLs left as given, once checked
+    to carry no credentials."""
+    from pipeline.data.storage import absolute
+
+    return absolute(location)
 
 
 def _train_options(config_file: str | None, flags: dict) -> dict:
@@ -382,7 +387,8 @@ def _train_options(config_file: str | None, flags: dict) -> dict:
 @click.option("--store", metavar="PATH", help="Teacher cache built by cache-teachers on the same shards.")
 @click.option("--model", help="Student: any timm model name.  [default: regla_t]")
 @click.option("--out", metavar="RUN_DIR",
-              help="Run directory: run.json, checkpoints/, metrics.jsonl, curves.png, model.safetensors.")
+              help="Run directory (a local path or an s3:// / gs:// URL): run.json, checkpoints/, metrics.jsonl, "
+                   "curves.png, model.safetensors.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Training epochs.  [default: 10]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Batch size per worker.  [default: 128]")
 @click.option("--img-size", type=click.IntRange(min=1),

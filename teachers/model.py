@@ -1,6 +1,7 @@
 """Loading a teacher: resolve its timm name and weights source, build the model, fingerprint it, run it.
 
-Weights come from exactly one place: a local checkpoint (`NAME@path`), timm's pretrained
+Weights come from exactly one place: a checkpoint (`NAME@path`, or `NAME@s3://...` and other
+fsspec URLs: its bytes are read once, and hashed as read), timm's pretrained
 weights (`NAME.tag`, or a bare `NAME` for timm's default tag), or, only when asked with
 `random_init=True`, a seeded random init of a bare `NAME`. A random teacher cached by
 accident would poison every student trained from the store, so a bare name never falls
@@ -12,6 +13,7 @@ import contextlib
 import difflib
 import hashlib
 import importlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,8 @@ import safetensors.torch
 import timm
 import torch
 from timm.data import resolve_data_config
+
+from pipeline.data import storage
 
 from .spec import TeacherSpec, TeacherSpecError
 
@@ -122,10 +126,11 @@ def load_teacher(spec: TeacherSpec, device: str | torch.device = "cpu", random_i
     checkpoint_sha256 = None
     cfg_overlay: dict[str, Any] = {}
     if spec.weights is not None:
-        path = Path(spec.weights).expanduser().resolve()
-        model, cfg_overlay = _model_from_file(spec, path)
-        checkpoint_sha256 = file_sha256(path)
-        source = f"file:{path}"
+        location = _weights_location(spec.weights)
+        data = _read_weights(spec, location)
+        model, cfg_overlay = _model_from_file(spec, location, data)
+        checkpoint_sha256 = hashlib.sha256(data).hexdigest()  # of the bytes the model was built from
+        source = location if storage.is_remote(location) else f"file:{location}"
     elif spec.pretrained_tag is None and random_init:
         model = _create_model(spec.model_name, seed=_derived_seed(seed, spec.teacher_id),
                               num_classes=spec.num_classes, img_size=spec.img_size)
@@ -158,12 +163,16 @@ def check_teacher_spec(spec: TeacherSpec, random_init: bool = False) -> None:
         hint = f"close timm names: {', '.join(close)}" if close else "no close timm names (see timm.list_models())"
         raise TeacherSpecError(f"teacher {spec.teacher_id!r}: unknown timm model {name!r}; {hint}")
     if spec.weights is not None:
-        path = Path(spec.weights).expanduser()
-        if not path.is_file():
-            raise TeacherSpecError(f"teacher {spec.teacher_id!r}: weights file not found: {path}")
-        if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
-            raise TeacherSpecError(f"teacher {spec.teacher_id!r}: weights file {path} is not one of "
+        location = _weights_location(spec.weights)
+        if not location.lower().endswith(CHECKPOINT_SUFFIXES):
+            raise TeacherSpecError(f"teacher {spec.teacher_id!r}: weights file {location} is not one of "
                                    f"{', '.join(CHECKPOINT_SUFFIXES)}")
+        try:
+            found = storage.isfile(location)
+        except storage.StorageError as e:
+            raise TeacherSpecError(f"teacher {spec.teacher_id!r}: cannot reach weights file: {e}") from None
+        if not found:
+            raise TeacherSpecError(f"teacher {spec.teacher_id!r}: weights file not found: {location}")
         return
     tags = _pretrained_tags(name)
     tag = spec.pretrained_tag
@@ -186,16 +195,38 @@ def check_teacher_spec(spec: TeacherSpec, random_init: bool = False) -> None:
                                f"weights of {name}.{tag} have {pretrained_classes} classes")
 
 
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors or torch file, with training wrappers and `module.` stripped."""
+def _weights_location(weights: str) -> str:
+    """A local weights path made absolute; a URL checked (no credentials in it) and kept as given."""
+    local = storage.local_path(weights)
+    if local is not None:
+        return str(Path(local).expanduser().resolve())
     try:
-        if path.suffix.lower() == ".safetensors":
-            obj: Any = safetensors.torch.load_file(str(path), device="cpu")
+        return storage.check_location(weights)
+    except storage.StorageError as e:
+        raise TeacherSpecError(str(e)) from None
+
+
+def _read_weights(spec: TeacherSpec, location: str) -> bytes:
+    try:
+        return storage.read_bytes(location)
+    except storage.StorageError as e:
+        raise TeacherSpecError(f"teacher {spec.teacher_id!r}: cannot read weights file: {e}") from None
+
+
+def read_checkpoint(location: str | Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors or torch file (local or a URL; ``data``: its bytes, if already read),
+    with training wrappers and `module.` stripped."""
+    location = str(location)
+    try:
+        if data is None:
+            data = storage.read_bytes(location)
+        if location.lower().endswith(".safetensors"):
+            obj: Any = safetensors.torch.load(data)
         else:
             # weights_only: a checkpoint is data, never code to run.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise TeacherSpecError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
+        raise TeacherSpecError(f"cannot read weights file {location}: {type(e).__name__}: {e}") from None
     while isinstance(obj, dict) and not _is_state_dict(obj):
         key = next((k for k in WRAPPER_KEYS if k in obj), None)
         if key is None:
@@ -214,14 +245,6 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
         tensor = state_dict[name].detach().cpu().contiguous()
         h.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
         h.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -244,10 +267,11 @@ def _is_state_dict(obj: dict) -> bool:
     return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _model_from_file(spec: TeacherSpec, path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model with the checkpoint's weights, and the pretrained_cfg of a config.json beside it."""
-    state_dict = read_checkpoint(path)
-    config = _read_hub_config(path.parent / "config.json", spec.model_name)
+def _model_from_file(spec: TeacherSpec, path: str, data: bytes) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model with the checkpoint's weights (``data``, read from ``path``), and the pretrained_cfg of a
+    config.json beside it."""
+    state_dict = read_checkpoint(path, data)
+    config = _read_hub_config(storage.join(storage.parent(path), "config.json"), spec.model_name)
     num_classes = spec.num_classes or config.get("num_classes") or _classifier_classes(spec.model_name, state_dict)
     # Built at its native input size so the checkpoint's shapes fit; resized after loading.
     model = _create_model(spec.model_name, num_classes=num_classes)
@@ -257,12 +281,12 @@ def _model_from_file(spec: TeacherSpec, path: Path) -> tuple[torch.nn.Module, di
     return model, dict(config.get("pretrained_cfg") or {})
 
 
-def _read_hub_config(path: Path, model_name: str) -> dict[str, Any]:
+def _read_hub_config(path: str, model_name: str) -> dict[str, Any]:
     """timm's HF-hub config.json beside a checkpoint ({} when absent), checked against the model name."""
-    if not path.is_file():
-        return {}
     try:
-        config = json.loads(path.read_text())
+        if not storage.isfile(path):
+            return {}
+        config = json.loads(storage.read_text(path))
     except (OSError, ValueError) as e:
         raise TeacherSpecError(f"cannot read {path}: {e}") from None
     if not isinstance(config, dict):
@@ -287,7 +311,7 @@ def _classifier_classes(model_name: str, state_dict: dict[str, torch.Tensor]) ->
     return int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None
 
 
-def _load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+def _load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str) -> None:
     expected = set(model.state_dict())
     missing = sorted(expected - set(state_dict))
     unexpected = sorted(set(state_dict) - expected)

@@ -233,6 +233,8 @@ def _parse_bool(key: str, value: Any) -> bool:
 
 
 def _resolve_against(weights: str, base: Path) -> str:
+    if "://" in weights:  # a URL is taken as given
+        return weights
     path = Path(weights).expanduser()
     return str(path if path.is_absolute() else (base / path).resolve())
 

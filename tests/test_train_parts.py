@@ -1,6 +1,7 @@
 """Training run plumbing: options, run directories, checkpoints, metrics and export."""
 
 import json
+import os
 
 import pytest
 import timm
@@ -9,7 +10,7 @@ from click.testing import CliRunner
 
 import regla  # noqa: F401
 from pipeline.cli import _train_options, main
-from pipeline.train.checkpoint import KEEP, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import KEEP, committed_steps, load_latest_checkpoint, save_checkpoint
 from pipeline.train.export import export_student
 from pipeline.train.metrics import MetricsLog, plot_curves, read_metrics
 from pipeline.train.train_config import ConfigError, TrainConfig, check_run_dir, save_run_config
@@ -62,11 +63,11 @@ def test_cli_names_a_missing_required_option(tmp_path):
 def test_checkpoints_round_trip_and_only_the_newest_are_kept(tmp_path):
     for step in (5, 10, 15):
         save_checkpoint(tmp_path, step, {"step": step, "w": torch.full((2,), float(step)), "sched": {"t": 1.5}})
-    kept = list_checkpoints(tmp_path)
-    assert len(kept) == KEEP and latest_checkpoint(tmp_path).name == "step-000000015.pt"
-    state = load_checkpoint(latest_checkpoint(tmp_path))
-    assert state["step"] == 15 and torch.equal(state["w"], torch.full((2,), 15.0))
-    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    assert committed_steps(str(tmp_path)) == [10, 15] and KEEP == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step-000000010.commit", "step-000000010.pt", "step-000000015.commit", "step-000000015.pt"]
+    step, state = load_latest_checkpoint(str(tmp_path))
+    assert step == 15 and state["step"] == 15 and torch.equal(state["w"], torch.full((2,), 15.0))
 
 
 def test_metrics_log_drops_records_past_the_resumed_checkpoint(tmp_path):
@@ -76,8 +77,8 @@ def test_metrics_log_drops_records_past_the_resumed_checkpoint(tmp_path):
     log.write({"kind": "eval", "step": 30, "epoch": 1, "top1": 50.0, "top5": 90.0})
     MetricsLog(tmp_path, resume_step=20)
     assert [r["step"] for r in read_metrics(tmp_path)] == [10, 20]
-    png = plot_curves(tmp_path)
-    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    png = plot_curves(str(tmp_path))
+    assert os.path.getsize(png) > 1000 and open(png, "rb").read(4) == b"\x89PNG"
 
 
 def test_export_loads_with_timm_and_as_a_teacher(tmp_path):

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,12 +75,12 @@ def _start_cli(*args, **env: str) -> subprocess.Popen:
 
 
 def wait_for_checkpoint(run_dir, process: subprocess.Popen, timeout: float = 400):
-    """The first checkpoint file of a run in progress (fails if the run ends or times out first)."""
+    """The first committed checkpoint file of a run in progress (fails if the run ends or times out first)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = sorted((run_dir / "checkpoints").glob("step-*.pt"))
+        found = sorted((Path(run_dir) / "checkpoints").glob("step-*.commit"))
         if found:
-            return found[0]
+            return found[0].with_suffix(".pt")
         assert process.poll() is None, f"the run ended before its first checkpoint:\n{process.communicate()[0]}"
         time.sleep(0.05)
     kill_process_tree(process.pid)
@@ -87,7 +88,7 @@ def wait_for_checkpoint(run_dir, process: subprocess.Popen, timeout: float = 400
 
 
 def _weights(run_dir) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "model.safetensors"))
+    return load_file(str(Path(run_dir) / "model.safetensors"))
 
 
 def _train_records(run_dir) -> list[dict]:
@@ -108,7 +109,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(data, tmp_path, ray_l
     finally:
         kill_process_tree(killed.pid)
     killed.communicate()
-    assert first.name == "step-000000002.pt" and not (cut.run_dir / "model.safetensors").exists()
+    assert first.name == "step-000000002.pt" and not (Path(cut.run_dir) / "model.safetensors").exists()
     _train_in_process(_config(data, tmp_path / "whole", **options))
 
     changed = _cli("--config", tmp_path / "cut.yaml", "--resume", "--epochs", 3)

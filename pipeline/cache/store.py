@@ -37,6 +37,7 @@ from pipeline.cache import shard_io
 from pipeline.cache.compat import (FORMAT, FORMAT_VERSION, StoreError, check_config, check_dataset, check_format,
                                    check_has_teacher, check_same_teacher, check_shards_done)
 from pipeline.cache.shard_io import ShardSamples, TeacherOutputs
+from pipeline.data import storage
 from pipeline.data.shards import DatasetIndex
 from pipeline.data.views import ViewPolicy
 
@@ -116,6 +117,7 @@ class CacheStore:
 
     @classmethod
     def open(cls, path: str, mode: str = "r") -> CacheStore:
+        storage.check_location(path)  # its location is recorded and printed: it may not carry a secret
         try:
             group = zarr.open_group(path, mode=mode, zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as e:
@@ -126,6 +128,7 @@ class CacheStore:
 
     @classmethod
     def create(cls, path: str, dataset: DatasetIndex, config: CacheConfig) -> CacheStore:
+        storage.check_location(path)
         group = zarr.open_group(path, mode="w-", zarr_format=3)
         _create_sample_arrays(group, dataset, config)
         group.attrs.update({

@@ -6,7 +6,10 @@ download. Shards are ``OUT/{split}-000000.tar``, ... with ``OUT/{split}.json`` b
 
 The source items of each shard are fixed before anything is decoded, so shards can be built
 in parallel processes, one shard per process at a time, with the same bytes as in one process.
-Each is written as ``.partial`` and renamed once complete. The tars are written with the
+Each is written as ``.partial`` and renamed once complete. An object-storage ``OUT`` (``s3://...``)
+gets the same files: they are built in a local temp folder (``TMPDIR`` needs room for the split),
+then uploaded whole, the manifests last, so a manifest only ever names shards that are there.
+The tars are written with the
 standard library, with the member headers of webdataset's ``TarWriter``: importing webdataset
 imports torch, which would add seconds to every worker's start.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import contextlib
 import importlib.util
 import io
 import multiprocessing
@@ -22,6 +26,7 @@ import os
 import random
 import re
 import tarfile
+import tempfile
 import warnings
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -33,6 +38,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.data import storage
 from pipeline.data.shards import DatasetError, ImageDecodeError, ShardInfo, decode_image, hash_keys, write_manifest
 
 FOLDER_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -104,16 +110,18 @@ def make_shards_from_folder(folder: str, out: str, samples_per_shard: int, split
     if shuffle:
         random.Random(seed).shuffle(sources)
 
-    jobs = _shard_jobs(out, split, sources, samples_per_shard)
-    results = _build_shards(_folder_shard, jobs, num_workers, f"{split} shards", progress)
-    skipped = [path for result in results for path in result.skipped]
-    if skipped:
-        shown = ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else "")
-        warnings.warn(f"skipped {len(skipped)} file(s) that do not decode as images: {shown}", stacklevel=2)
-    shards = _rename_shards(results, out, split)
-    if not shards:
-        raise DatasetError(f"no image in {folder} could be decoded")
-    return _finish_split(out, split, shards, class_names)
+    with _output_folder(out, [split]) as local_out:
+        jobs = _shard_jobs(local_out, split, sources, samples_per_shard)
+        results = _build_shards(_folder_shard, jobs, num_workers, f"{split} shards", progress)
+        skipped = [path for result in results for path in result.skipped]
+        if skipped:
+            shown = ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+            warnings.warn(f"skipped {len(skipped)} file(s) that do not decode as images: {shown}", stacklevel=2)
+        shards = _rename_shards(results, local_out, split)
+        if not shards:
+            raise DatasetError(f"no image in {folder} could be decoded")
+        manifest = _finish_split(local_out, split, shards, class_names)
+    return _published(manifest, out)
 
 
 def _class_names(folder: str) -> list[str]:
@@ -204,15 +212,17 @@ def make_mnist_sample(out: str, img_size: int = 32, samples_per_shard: int = 500
     pixels, labels = _load_mnist_5k()
     rng = np.random.default_rng(seed)
     splits = dict(zip(("train", "val"), _stratified_split(labels, val_fraction, rng)))
-    jobs = {split: _shard_jobs(out, split, [_Digit(f"mnist/{row:06d}", int(labels[row]), pixels[row])
-                                           for row in rows], samples_per_shard)
-            for split, rows in splits.items()}
-    # Both splits in one pool, so workers start once.
-    results = _build_shards(functools.partial(_digit_shard, img_size), [*jobs["train"], *jobs["val"]],
-                            num_workers, "mnist shards", progress)
-    by_split = {"train": results[:len(jobs["train"])], "val": results[len(jobs["train"]):]}
-    return [_finish_split(out, split, _rename_shards(by_split[split], out, split), MNIST_CLASS_NAMES)
-            for split in ("train", "val")]
+    with _output_folder(out, list(splits)) as local_out:
+        jobs = {split: _shard_jobs(local_out, split, [_Digit(f"mnist/{row:06d}", int(labels[row]), pixels[row])
+                                                     for row in rows], samples_per_shard)
+                for split, rows in splits.items()}
+        # Both splits in one pool, so workers start once.
+        results = _build_shards(functools.partial(_digit_shard, img_size), [*jobs["train"], *jobs["val"]],
+                                num_workers, "mnist shards", progress)
+        by_split = {"train": results[:len(jobs["train"])], "val": results[len(jobs["train"]):]}
+        manifests = [_finish_split(local_out, split, _rename_shards(by_split[split], local_out, split),
+                                   MNIST_CLASS_NAMES) for split in ("train", "val")]
+    return [_published(manifest, out) for manifest in manifests]
 
 
 def _digit_shard(img_size: int, job: _ShardJob, tick: Callable[[], None]) -> _ShardResult:
@@ -253,6 +263,38 @@ def _stratified_split(labels: np.ndarray, val_fraction: float,
 def _digit_rgb(row: np.ndarray, img_size: int) -> np.ndarray:
     digit = Image.fromarray(row.reshape(_MNIST_SIDE, _MNIST_SIDE))  # uint8 2-D: mode "L"
     return np.asarray(digit.resize((img_size, img_size), Image.BILINEAR).convert("RGB"))
+
+
+# ---------------------------------------------------------------------------- the output folder
+
+
+@contextlib.contextmanager
+def _output_folder(out: str, splits: Sequence[str]) -> Iterator[str]:
+    """The local folder to build the splits in: ``out`` itself, or for an object-storage ``out`` a temp
+    folder whose files are uploaded when the build succeeds (shards first, manifests last)."""
+    local = storage.local_path(out)
+    if local is not None:
+        yield local
+        return
+    storage.listdir(out)  # a missing extra, a wrong endpoint or bad credentials fail now, not after the build
+    with tempfile.TemporaryDirectory(prefix="shards-") as folder:
+        yield folder
+        manifests = [f"{split}.json" for split in splits]
+        built = set(os.listdir(folder))
+        for name in sorted(built - set(manifests)):
+            storage.upload_file(os.path.join(folder, name), storage.join(out, name))
+        # As locally: shards of these splits left by an earlier, larger build go before the manifests land.
+        pattern = re.compile(rf"({'|'.join(map(re.escape, splits))})-\d{{6}}\.tar(\.partial)?")
+        for name in storage.listdir(out):
+            if pattern.fullmatch(name) and name not in built:
+                storage.remove(storage.join(out, name))
+        for name in manifests:
+            storage.upload_file(os.path.join(folder, name), storage.join(out, name))
+
+
+def _published(manifest: str, out: str) -> str:
+    """Where a manifest built in the output folder is once published to ``out``."""
+    return manifest if storage.local_path(out) is not None else storage.join(out, os.path.basename(manifest))
 
 
 # ---------------------------------------------------------------------------- building shards

@@ -27,6 +27,8 @@ import numpy as np
 from braceexpand import braceexpand
 from PIL import Image
 
+from pipeline.data.storage import check_location
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTS = ("cls", "cls.txt")
 MANIFEST_FORMAT = "regla-distill-shards/1"
@@ -122,7 +124,8 @@ def expand_shard_urls(spec: str | Sequence[str]) -> list[str]:
 def shard_spec_entries(spec: str | Sequence[str]) -> list[str]:
     """The entries of a shard spec (commas inside brace patterns kept), before any expansion."""
     entries = _split_outside_braces(spec) if isinstance(spec, str) else list(spec)
-    return [e.strip() for e in entries if e.strip()]
+    # Shard locations are recorded in stores and printed: a URL carrying credentials is refused.
+    return [check_location(e.strip()) for e in entries if e.strip()]
 
 
 def _split_outside_braces(text: str) -> list[str]:

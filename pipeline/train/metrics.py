@@ -2,47 +2,118 @@
 
 Records have a ``kind``: ``train`` (step, epoch, lr, loss parts, images/s) or
 ``eval`` (epoch, top-1/top-5 of the model and of its EMA).
+
+A local run appends to ``metrics.jsonl`` as it goes. Object stores cannot append, so a run
+directory there gets parts instead: ``metrics/part-S.jsonl`` holds the records logged since
+the previous part, up to step S, and is written whole at every flush (before every
+checkpoint, and at the end). At the end the parts are also joined into ``metrics.jsonl``.
+Readers take the parts when there are any, so they see every flushed record at any time.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import re
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
+from pipeline.data import storage
 
-def metrics_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "metrics.jsonl"
+_PART = re.compile(r"^part-(\d{9})\.jsonl$")
+
+
+def metrics_path(run_dir: str) -> str:
+    return storage.join(str(run_dir), "metrics.jsonl")
+
+
+def _parts_dir(run_dir: str) -> str:
+    return storage.join(str(run_dir), "metrics")
+
+
+def _part_steps(run_dir: str) -> list[int]:
+    return sorted(int(m.group(1)) for name in storage.listdir(_parts_dir(run_dir)) if (m := _PART.match(name)))
+
+
+def _part_path(run_dir: str, step: int) -> str:
+    return storage.join(_parts_dir(run_dir), f"part-{step:09d}.jsonl")
+
+
+def _lines(records: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def _parse(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 class MetricsLog:
-    """Appends records to metrics.jsonl, dropping those a resumed run has already written.
+    """Writes a run's records, dropping those a resumed run has already written.
 
     A killed run may have logged steps past its last checkpoint; the resumed run
     logs them again, so the log is first cut back to the checkpoint's step.
     """
 
-    def __init__(self, run_dir: str | Path, resume_step: int = 0):
-        self.path = metrics_path(run_dir)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step] if resume_step else []
-        with self.path.open("w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+    def __init__(self, run_dir: str, resume_step: int = 0):
+        self.run_dir = str(run_dir)
+        self.append = not storage.is_remote(self.run_dir)
+        self.pending: list[dict[str, Any]] = []
+        self.last_part: tuple[int, list[dict[str, Any]]] | None = None  # (step, records) of this log's last part
+        kept = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= resume_step] if resume_step else []
+        if self.append:
+            path = storage.local_path(metrics_path(self.run_dir))
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(_lines(kept))
+            return
+        # Parts past the resumed step are cut back to it (a part never straddles a checkpoint, since
+        # one is flushed before every checkpoint; cutting also covers one that does).
+        for step in _part_steps(self.run_dir):
+            if step > resume_step:
+                records = _parse(storage.read_text(_part_path(self.run_dir, step)))
+                before = [r for r in records if r.get("step", 0) <= resume_step]
+                if before:
+                    storage.write_text(_part_path(self.run_dir, resume_step), _lines(before))
+                storage.remove(_part_path(self.run_dir, step))
+        storage.remove(metrics_path(self.run_dir))  # joined again at the end
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.append:
+            with open(storage.local_path(metrics_path(self.run_dir)), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        else:
+            self.pending.append(record)
+
+    def flush(self) -> None:
+        """Make every record written so far visible to readers (one new part on object storage)."""
+        if self.pending:
+            step = max(r.get("step", 0) for r in self.pending)
+            if self.last_part is not None and self.last_part[0] == step:  # more records of the last part's step
+                self.pending = self.last_part[1] + self.pending
+            storage.write_text(_part_path(self.run_dir, step), _lines(self.pending))
+            self.last_part, self.pending = (step, self.pending), []
+
+    def close(self) -> None:
+        """Flush, and on object storage join the parts into ``metrics.jsonl``."""
+        self.flush()
+        if not self.append:
+            storage.write_text(metrics_path(self.run_dir), _lines(read_metrics(self.run_dir)))
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    """Every record of a run, in order: from its parts when it has any, else from ``metrics.jsonl``."""
+    run_dir = str(run_dir)
+    steps = _part_steps(run_dir) if storage.is_remote(run_dir) else []
+    if steps:
+        return [r for step in steps for r in _parse(storage.read_text(_part_path(run_dir, step)))]
     path = metrics_path(run_dir)
-    if not path.exists():
+    if not storage.exists(path):
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse(storage.read_text(path))
 
 
-def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def plot_curves(run_dir: str, out: str | None = None) -> str:
     """Losses against steps (left) and val accuracy against epochs (right), to ``RUN_DIR/curves.png``."""
     import matplotlib
 
@@ -50,7 +121,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     records = read_metrics(run_dir)
-    out = Path(out) if out else Path(run_dir) / "curves.png"
+    out = str(out) if out else storage.join(str(run_dir), "curves.png")
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     losses: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for r in records:
@@ -72,6 +143,8 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    storage.write_bytes(out, buffer.getvalue())
     return out

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pipeline.data import storage
 
 # Options that may differ between an interrupted run and its resumption: they
 # change where and how fast the run executes, not what it computes.
@@ -102,10 +103,15 @@ class TrainConfig:
                               "or --no-distill to train with labels alone")
         if self.no_distill and (self.online_teachers or self.teachers):
             raise ConfigError("--no-distill trains with labels alone; it cannot take teachers")
+        # The config is saved as run.json and sent to every worker: no location in it may carry a secret.
+        weights = [spec.split(",", 1)[0].partition("@")[2] for spec in self.online_teachers]
+        for location in [self.out, self.store or "", *self.shards, *self.val_shards, *weights]:
+            storage.check_location(location)
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.out)
+    def run_dir(self) -> str:
+        """The run directory: a local path or an object-storage URL."""
+        return self.out
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,20 +141,19 @@ def load_yaml_options(path: str) -> dict[str, Any]:
 
 
 def save_run_config(config: TrainConfig) -> None:
-    config.run_dir.mkdir(parents=True, exist_ok=True)
-    (config.run_dir / "run.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    storage.write_text(storage.join(config.run_dir, "run.json"), json.dumps(config.to_dict(), indent=2) + "\n")
 
 
 def check_run_dir(config: TrainConfig) -> None:
     """Refuse to overwrite an existing run, and to resume a run that was started with other options."""
-    saved_path = config.run_dir / "run.json"
+    saved_path = storage.join(config.run_dir, "run.json")
     if not config.resume:
-        if saved_path.exists():
+        if storage.exists(saved_path):
             raise ConfigError(f"{config.run_dir} already holds a run; pass --resume to continue it, "
                               f"or choose another --out")
         return
-    if not saved_path.exists():
+    if not storage.exists(saved_path):
         raise ConfigError(f"--resume: {config.run_dir} holds no run (no run.json)")
-    differences = config.compare(json.loads(saved_path.read_text()))
+    differences = config.compare(json.loads(storage.read_text(saved_path)))
     if differences:
         raise ConfigError(f"--resume: {config.run_dir} was started with other options: " + "; ".join(differences))

@@ -18,6 +18,7 @@ returns the last pointer and the new workers restore the run directory's checkpo
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from pipeline.data import storage
 from pipeline.data.views import normalize
 from pipeline.train.batches import StudentBatch
 from pipeline.train.checkpoint import RunCheckpointer
@@ -146,12 +148,20 @@ class WorkerRun:
             self.position.step_in_epoch = 0
             self._save()
         if self.rank == 0:
-            label_names = self.plan.get("label_names")
-            export_student(self.student, self.config.run_dir, self.input.size, label_names)
-            if self.ema is not None:
-                export_student(self.ema.module, self.config.run_dir / "ema", self.input.size, label_names)
-            plot_curves(self.config.run_dir)
+            self._export()
         self._report({"kind": "done", "step": self.position.step})
+
+    def _export(self) -> None:
+        """model.safetensors, config.json, curves.png (and ema/), built in a local folder, then copied to the
+        run directory file by file: on object storage each is one whole upload."""
+        self.log.close()
+        label_names = self.plan.get("label_names")
+        with tempfile.TemporaryDirectory(prefix="export-") as folder:
+            export_student(self.student, folder, self.input.size, label_names)
+            if self.ema is not None:
+                export_student(self.ema.module, os.path.join(folder, "ema"), self.input.size, label_names)
+            plot_curves(self.config.run_dir, os.path.join(folder, "curves.png"))
+            storage.upload_dir(folder, self.config.run_dir)
 
     def _train_epoch(self) -> None:
         config, pos = self.config, self.position
@@ -209,6 +219,8 @@ class WorkerRun:
         self.module.train()
 
     def _save(self) -> None:
+        if self.rank == 0:
+            self.log.flush()  # before the checkpoint: a resumed run finds every record up to its step
         self.checkpoints.save(self.position.step, {f.name: getattr(self.position, f.name) for f in fields(Position)})
         if self.session is not None:
             self.session.report_checkpoint(self.position.step, self.rank)
@@ -253,7 +265,7 @@ class RayTrainSession:
 
     POINTER = "run_checkpoint.json"
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str):
         self.run_dir = str(run_dir)
 
     def report_checkpoint(self, step: int, rank: int) -> None:
