@@ -8,24 +8,19 @@ command line are passed, so the job applies the same defaults the command would 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import click
 
 from pipeline.data.shards import shard_spec_entries
+from pipeline.data.storage import absolute
 
 # How a flag's value holds local paths: one path, a shard list (comma-separated, brace patterns),
 # or a teacher spec (NAME@PATH,options).
 PATH, SHARDS, TEACHER = "path", "shards", "teacher"
 # Flags the job sets itself: it is the driver on the head, and its log is not a terminal.
 JOB_FLAGS = ("address", "no_wait", "progress")
-
-
-def absolute(location: str) -> str:
-    """A local path made absolute; an fsspec URL left as it is."""
-    return location if "://" in location else os.path.abspath(os.path.expanduser(location))
 
 
 def absolute_shards(spec: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 
@@ -325,6 +324,7 @@ def cache_teachers(shards: tuple[str, ...], store_path: str, teacher_specs: tupl
     not given are taken from an existing store.
     """
     from jobs.cache_teachers import CacheJob, check_inputs, run_cache_job
+    from pipeline.data.storage import absolute
     from teachers import load_teachers_file, parse_teacher_spec
 
     with _clean_errors():
@@ -332,7 +332,7 @@ def cache_teachers(shards: tuple[str, ...], store_path: str, teacher_specs: tupl
         if teachers_file:
             specs += load_teachers_file(teachers_file)
         # Workers may run in another directory (or on another node): give them absolute paths.
-        specs = [dataclasses.replace(s, weights=_absolute(s.weights)) if s.weights else s for s in specs]
+        specs = [dataclasses.replace(s, weights=absolute(s.weights)) if s.weights else s for s in specs]
         job = CacheJob(shards=list(shards), store=store_path, teachers=specs,
                        config=_cache_config(store_path, view_options), random_init=random_init,
                        num_workers=num_workers, address=_driver_address(address), max_retries=max_retries,
@@ -352,16 +352,9 @@ def cache_teachers(shards: tuple[str, ...], store_path: str, teacher_specs: tupl
     if not summary.ok:
         raise SystemExit(1)
 
-def _absolute(location: str) -> str:
-    """Local paths made absolute (Ray workers may run elsewhere); fsspec URLs left as given, once checked
-    to carry no credentials."""
-    from pipeline.data.storage import absolute
-
-    return absolute(location)
-
-
 def _train_options(config_file: str | None, flags: dict) -> dict:
     """Options from --config, overridden by every flag given on the command line."""
+    from pipeline.data.storage import absolute
     from pipeline.train.train_config import load_yaml_options
 
     options = load_yaml_options(config_file) if config_file else {}
@@ -372,10 +365,10 @@ def _train_options(config_file: str | None, flags: dict) -> dict:
     for name in ("shards", "val_shards"):
         if isinstance(options.get(name), str):
             options[name] = [options[name]]
-        options[name] = [_absolute(s) for s in options.get(name, [])]
+        options[name] = [absolute(s) for s in options.get(name, [])]
     for name in ("store", "out"):
         if options.get(name):
-            options[name] = _absolute(options[name])
+            options[name] = absolute(options[name])
     return options
 
 

@@ -233,7 +233,7 @@ def read_checkpoint(location: str | Path, data: bytes | None = None) -> dict[str
             break
         obj = obj[key]
     if not isinstance(obj, dict) or not _is_state_dict(obj):
-        raise TeacherSpecError(f"weights file {path} holds no state dict (name -> tensor), nor one under "
+        raise TeacherSpecError(f"weights file {location} holds no state dict (name -> tensor), nor one under "
                                f"{', '.join(WRAPPER_KEYS)}")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 

@@ -5,13 +5,11 @@ Every fault test ends with the data checked: the store equals an uninterrupted r
 `pipeline verify` passes. The CLI runs as a separate process (its own Ray driver, on the session's two-node
 cluster with `--address`), as a user would run it.
 """
-import io
 import os
 import re
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
 import numpy as np

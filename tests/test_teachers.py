@@ -247,6 +247,13 @@ def test_checkpoint_that_needs_unpickling_code_is_refused(tmp_path):
         load_teacher(parse_teacher_spec(f"test_resnet@{path}"))
 
 
+def test_checkpoint_holding_no_state_dict_is_named(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(TeacherSpecError, match="weights file .*list.pth holds no state dict"):
+        load_teacher(parse_teacher_spec(f"test_resnet@{path}"))
+
+
 # ---- random init ------------------------------------------------------------------------------------------
 
 def test_random_init_is_deterministic_and_leaves_the_global_rng_alone():
