@@ -94,6 +94,13 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+CREATING = "being_created"
+
+
+class StoreBeingCreated(StoreError):
+    """Another job is creating this store right now."""
+
+
 class CacheStore:
     """A teacher cache opened from a path or fsspec URL.
 
@@ -107,6 +114,9 @@ class CacheStore:
         self.group = group
         self.path = path
         attrs = group.attrs.asdict()
+        if attrs.get(CREATING):
+            raise StoreBeingCreated(f"{path} is being created by another job (or a job creating it was stopped: "
+                                    "then delete it and rerun)")
         check_format(attrs, path)
         self.config = CacheConfig.from_dict(attrs["config"])
         self.dataset_fingerprint: dict = attrs["dataset"]["fingerprint"]
@@ -129,9 +139,11 @@ class CacheStore:
     @classmethod
     def create(cls, path: str, dataset: DatasetIndex, config: CacheConfig) -> CacheStore:
         storage.check_location(path)
-        group = zarr.open_group(path, mode="w-", zarr_format=3)
+        # Marked as being created until its attributes are written, last: another job opening it
+        # meanwhile waits instead of taking it for a foreign folder.
+        group = zarr.open_group(path, mode="w-", zarr_format=3, attributes={CREATING: True})
         _create_sample_arrays(group, dataset, config)
-        group.attrs.update({
+        group.attrs.put({
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -158,6 +170,8 @@ class CacheStore:
         """
         try:
             store = cls.open(path, mode="r+")
+        except StoreBeingCreated:
+            store = cls._open_when_created(path, creation_timeout)
         except StoreError:
             if _exists(path):
                 raise
@@ -315,3 +329,4 @@ def _exists(path: str) -> bool:
 
     fs, root = fsspec.core.url_to_fs(path)
     return fs.exists(root)
+
