@@ -225,7 +225,8 @@ def _s3fs(server):
 def test_pipeline_on_s3_end_to_end_and_a_killed_run_resumes_from_s3(s3, s3_server, tmp_path):
     """make-shards -> cache-teachers -> train-student, every output on S3, through the CLI; the secret is in
     none of run.json, the store's attributes or anything printed; a run SIGKILLed after a committed checkpoint
-    on S3 resumes to the uninterrupted run's weights."""
+    on S3 resumes to the uninterrupted run's weights and metrics, bit for bit (drop-path, mixup, cutmix, teacher
+    dropping, feature KD and EMA all on)."""
     rng = np.random.default_rng(0)
     for c in range(3):
         (tmp_path / "images" / f"c{c}").mkdir(parents=True)
@@ -243,7 +244,9 @@ def test_pipeline_on_s3_end_to_end_and_a_killed_run_resumes_from_s3(s3, s3_serve
 
     train = ["train-student", "--shards", manifest, "--val-shards", manifest, "--store", f"{s3}/cache.zarr",
              "--model", "regla_t", "--img-size", 32, "--epochs", 2, "--batch-size", 16, "--seed", 3,
-             "--loader-workers", 0, "--cpus-per-worker", 1, "--checkpoint-every", 1, "--no-progress"]
+             "--loader-workers", 0, "--cpus-per-worker", 1, "--checkpoint-every", 1, "--no-progress",
+             # Everything random is on, so that the resume must restore every RNG and the data position.
+             "--drop-path", 0.1, "--mixup", 0.8, "--cutmix", 1.0, "--teacher-drop-prob", 0.5, "--feature-weight", 1.0]
     printed.append(_run([*train, "--out", f"{s3}/whole"], env))
     assert "val top-1" in printed[-1] and "(48 samples)" in printed[-1]
 

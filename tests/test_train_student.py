@@ -95,41 +95,6 @@ def _train_records(run_dir) -> list[dict]:
     return [r for r in read_metrics(run_dir) if r["kind"] == "train"]
 
 
-@pytest.mark.slow
-def test_killed_and_resumed_run_ends_with_the_same_weights(data, tmp_path, ray_local):
-    """The CLI (driver, its embedded Ray and the Ray Train worker) SIGKILLed right after its first checkpoint;
-    --resume ends with an uninterrupted run's weights and metrics, bit for bit."""
-    # Everything random is on: drop-path, mixup/cutmix, teacher dropping, feature KD, EMA.
-    options = dict(model="regla_t", drop_path=0.1, mixup=0.8, cutmix=1.0, teacher_drop_prob=0.5,
-                   feature_weight=1.0, batch_size=48, checkpoint_every=2, cpus_per_worker=1)
-    cut = _config(data, tmp_path / "cut", **options)
-    killed = _start_cli("--config", _config_file(cut, tmp_path / "cut.yaml"))
-    try:
-        first = wait_for_checkpoint(cut.run_dir, killed)
-    finally:
-        kill_process_tree(killed.pid)
-    killed.communicate()
-    assert first.name == "step-000000002.pt" and not (Path(cut.run_dir) / "model.safetensors").exists()
-    _train_in_process(_config(data, tmp_path / "whole", **options))
-
-    changed = _cli("--config", tmp_path / "cut.yaml", "--resume", "--epochs", 3)
-    assert changed.exit_code == 1 and "epochs: run has 2, requested 3" in changed.output
-    resumed = _cli("--config", tmp_path / "cut.yaml", "--resume")
-    assert resumed.exit_code == 0, resumed.output
-    assert "val top-1" in resumed.output and "(300 samples)" in resumed.output
-
-    whole, resumed = _weights(tmp_path / "whole"), _weights(cut.run_dir)
-    assert whole.keys() == resumed.keys()
-    for name in whole:
-        assert torch.equal(whole[name], resumed[name]), name
-    timing = ("images_per_s", "data_wait")  # the only fields that may differ
-
-    def computed(records):
-        return [{k: v for k, v in r.items() if k not in timing} for r in records]
-
-    assert computed(_train_records(tmp_path / "whole")) == computed(_train_records(cut.run_dir))
-
-
 def test_run_writes_metrics_curves_and_a_timm_export(data, tmp_path):
     run = tmp_path / "run"
     _train_in_process(_config(data, run, feature_weight=0.5, teacher_weights={"test_convnext": {"kd": 0.5}}))
