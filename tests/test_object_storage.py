@@ -95,15 +95,19 @@ def test_an_unreachable_location_is_one_line_naming_it(s3):
     assert len(str(error.value).splitlines()) == 1
 
 
+def _image_folder(root, classes: int, per_class: int, size: tuple[int, int], seed: int) -> None:
+    """An ImageNet-layout folder (one subfolder per class) of random JPEGs."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.jpg")
+
+
 def test_make_shards_uploads_to_s3_and_removes_stale_shards(s3, tmp_path):
     from pipeline.data.shards import index_dataset
 
-    rng = np.random.default_rng(1)
-    for c in range(2):
-        (tmp_path / "images" / f"c{c}").mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
-                tmp_path / "images" / f"c{c}" / f"{i}.jpg")
+    _image_folder(tmp_path / "images", classes=2, per_class=4, size=(20, 24), seed=1)
     storage.write_bytes(f"{s3}/shards/train-000007.tar", b"left by an earlier, larger build")
     result = CliRunner().invoke(main, ["make-shards", "--from-folder", str(tmp_path / "images"), "--out",
                                        f"{s3}/shards", "--samples-per-shard", "3", "--num-workers", "1"])
@@ -227,12 +231,7 @@ def test_pipeline_on_s3_end_to_end_and_a_killed_run_resumes_from_s3(s3, s3_serve
     none of run.json, the store's attributes or anything printed; a run SIGKILLed after a committed checkpoint
     on S3 resumes to the uninterrupted run's weights and metrics, bit for bit (drop-path, mixup, cutmix, teacher
     dropping, feature KD and EMA all on)."""
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (tmp_path / "images" / f"c{c}").mkdir(parents=True)
-        for i in range(16):
-            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
-                tmp_path / "images" / f"c{c}" / f"{i}.jpg")
+    _image_folder(tmp_path / "images", classes=3, per_class=16, size=(40, 48), seed=0)
     env = service_env(**s3_server.env())
     printed = [_run(["make-shards", "--from-folder", tmp_path / "images", "--out", f"{s3}/shards",
                      "--samples-per-shard", 16, "--num-workers", 1], env)]

@@ -184,6 +184,22 @@ def read_text(location: str) -> str:
     return read_bytes(location).decode("utf-8")
 
 
+@contextlib.contextmanager
+def _replaced_atomically(path: str) -> Iterator[str]:
+    """A temp file beside ``path`` to fill; renamed onto ``path`` if the block succeeds, removed if not."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def write_bytes(location: str, data: bytes) -> None:
     """Write a whole file atomically: readers see the old content or the new, never part of it.
 
@@ -193,17 +209,8 @@ def write_bytes(location: str, data: bytes) -> None:
     path = local_path(location)
     with storage_errors(location):
         if path is not None:
-            folder = os.path.dirname(os.path.abspath(path))
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
-                raise
+            with _replaced_atomically(path) as tmp, open(tmp, "wb") as f:
+                f.write(data)
             return
         fs, inner = filesystem(location)
         fs.pipe_file(inner, data)
@@ -233,17 +240,8 @@ def upload_file(source: str, location: str) -> None:
     path = local_path(location)
     with storage_errors(location):
         if path is not None:
-            folder = os.path.dirname(os.path.abspath(path))
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-            os.close(fd)
-            try:
+            with _replaced_atomically(path) as tmp:
                 shutil.copyfile(source, tmp)
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
-                raise
             return
         fs, inner = filesystem(location)
         fs.put_file(source, inner)
