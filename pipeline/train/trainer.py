@@ -307,4 +307,17 @@ def run_worker(config: TrainConfig, plan: dict[str, Any], progress: Any = None,
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: ``loop_config`` holds the run's config, the driver's plan and a progress board."""
     config = TrainConfig.from_dict(loop_config["config"])
+    _quiet_ray_train_reports()
     run_worker(config, loop_config["plan"], loop_config.get("progress"), RayTrainSession(config.run_dir))
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every reported checkpoint at INFO on the worker, and those lines reach the user's
+    terminal; this run prints its own progress and summary instead."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: its own logging stays
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
