@@ -28,7 +28,7 @@ from pipeline.cache.report import store_report
 from pipeline.cache.shard_cacher import ShardCacher, ShardResult
 from pipeline.cache.store import CacheConfig, CacheStore
 from pipeline.data import storage
-from pipeline.data.shards import DatasetIndex, index_dataset
+from pipeline.data.shards import DatasetIndex, index_dataset, shard_spec_entries
 from teachers import Teacher, TeacherSpec, TeacherSpecError, load_teacher
 
 
@@ -50,10 +50,10 @@ class CacheJob:
     worker_start_timeout: float = 600.0  # seconds a worker may take to be scheduled and load its teachers
 
     def __post_init__(self) -> None:
-        # Shard locations are recorded in the store and printed: none may carry a secret.
-        entries = [self.shards] if isinstance(self.shards, str) else self.shards
-        for location in [self.store, *(part for entry in entries for part in entry.split(","))]:
-            storage.check_location(location.strip())
+        # Locations are recorded in the store and printed: none may carry a secret.
+        storage.check_location(self.store)
+        for entry in [self.shards] if isinstance(self.shards, str) else self.shards:
+            shard_spec_entries(entry)  # splits each entry's comma list; refuses a URL with credentials
 
 
 @dataclass

@@ -104,8 +104,7 @@ def submit(url: str, args: list[str], wait: bool = True) -> int:
                                    metadata={"command": f"pipeline {args[0]}"})
         if not wait:
             click.echo(f"Submitted job {job_id} to {url}.")
-            click.echo(f"Follow it:  {follow_command(job_id, url)}")
-            click.echo(f"Stop it:    {stop_command(job_id, url)}")
+            _echo_follow_and_stop(job_id, url)
             return 0
         click.echo(f"Submitted job {job_id} to {url}; following its logs (Ctrl-C stops following, not the job).",
                    err=True)
@@ -157,25 +156,22 @@ def interrupted(job_id: str | None, url: str) -> int:
         click.echo("Interrupted before the job was submitted.", err=True)
         return EXIT_INTERRUPTED
     click.echo(f"\nStopped following job {job_id}; it keeps running on the cluster.", err=True)
-    click.echo(f"Follow it:  {follow_command(job_id, url)}", err=True)
-    click.echo(f"Stop it:    {stop_command(job_id, url)}", err=True)
+    _echo_follow_and_stop(job_id, url, err=True)
     return EXIT_INTERRUPTED
 
 
-def follow_command(job_id: str, url: str) -> str:
-    return f"pipeline job logs {job_id} --address {url} --follow"
-
-
-def stop_command(job_id: str, url: str) -> str:
-    return f"pipeline job stop {job_id} --address {url}"
+def _echo_follow_and_stop(job_id: str, url: str, err: bool = False) -> None:
+    click.echo(f"Follow it:  pipeline job logs {job_id} --address {url} --follow", err=err)
+    click.echo(f"Stop it:    pipeline job stop {job_id} --address {url}", err=err)
 
 
 # ---------------------------------------------------------------------------- `pipeline job ...`
 
 
-def _known(client: Any, job_id: str, url: str) -> None:
+def _known(client: Any, job_id: str, url: str) -> Any:
+    """The job's info; a SubmitError naming the job if the cluster does not know it."""
     try:
-        client.get_job_info(job_id)
+        return client.get_job_info(job_id)
     except RuntimeError as e:
         if "404" in str(e) or "does not exist" in str(e):
             raise SubmitError(f"no job {job_id} at {url} (see `pipeline job list --address {url}`)") from None
@@ -196,9 +192,7 @@ def list_lines(url: str) -> list[str]:
 def status(url: str, job_id: str) -> int:
     """Print a job's status (and its error line if it failed); exit code 1 for FAILED or STOPPED."""
     client = connect(url)
-    _known(client, job_id, url)
-    info = client.get_job_info(job_id)
-    state = str(info.status.value)
+    state = str(_known(client, job_id, url).status.value)
     click.echo(f"{job_id}: {state}")
     if state in ("FAILED", "STOPPED"):
         click.echo(failure_line(client, job_id, state), err=True)
