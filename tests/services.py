@@ -153,7 +153,8 @@ def start_ray_cluster(node_cpus: list[int], node_resources: list[dict[str, float
     """Start a head with ``node_cpus[0]`` CPUs and one worker node per further entry; wait until all are alive."""
     node_resources = node_resources or [{} for _ in node_cpus]
     root = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths must stay < 108 bytes
-    env = service_env()
+    # A stopped node is declared dead after 3 missed health checks 1 s apart (Ray's default: 5, 3 s apart).
+    env = service_env(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
     gcs_port, dashboard_port = free_port(), free_port()
     gcs_address = f"127.0.0.1:{gcs_port}"
     cluster = RayCluster(gcs_address, f"http://127.0.0.1:{dashboard_port}", [], root)

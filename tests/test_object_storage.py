@@ -208,14 +208,17 @@ def _cli(args, env) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _run(args, env, timeout=300) -> str:
-    process = _cli(args, env)
+def _finish(process: subprocess.Popen, timeout: float = 300) -> str:
     try:
         output, _ = process.communicate(timeout=timeout)
     finally:
         kill_process_tree(process.pid)
     assert process.returncode == 0, output[-4000:]
     return output
+
+
+def _run(args, env, timeout=300) -> str:
+    return _finish(_cli(args, env), timeout)
 
 
 def _s3fs(server):
@@ -237,6 +240,8 @@ def test_pipeline_on_s3_end_to_end_and_a_killed_run_resumes_from_s3(s3, s3_serve
                      "--samples-per-shard", 16, "--num-workers", 1], env)]
     manifest = f"{s3}/shards/train.json"
     assert f"train: 48 samples in 3 shards, manifest {manifest}" in printed[0]
+    fs = _s3fs(s3_server)
+    bucket = s3.removeprefix("s3://")
     printed.append(_run(["cache-teachers", "--shards", manifest, "--store", f"{s3}/cache.zarr", "--teacher", TEACHER,
                          "--views", 2, "--topk", 3, "--random-init", "--no-progress", "--num-workers", 1], env))
     assert "shards: 3 cached now, 0 already complete, 0 failed" in printed[-1]
@@ -246,24 +251,8 @@ def test_pipeline_on_s3_end_to_end_and_a_killed_run_resumes_from_s3(s3, s3_serve
              "--loader-workers", 0, "--cpus-per-worker", 1, "--checkpoint-every", 1, "--no-progress",
              # Everything random is on, so that the resume must restore every RNG and the data position.
              "--drop-path", 0.1, "--mixup", 0.8, "--cutmix", 1.0, "--teacher-drop-prob", 0.5, "--feature-weight", 1.0]
-    printed.append(_run([*train, "--out", f"{s3}/whole"], env))
-    assert "val top-1" in printed[-1] and "(48 samples)" in printed[-1]
-
-    # Plain zarr reads the store back; the export is on S3.
-    import zarr
-
-    options = {"endpoint_url": s3_server.endpoint, "key": s3_server.access_key, "secret": s3_server.secret_key}
-    root = zarr.open_group(f"{s3}/cache.zarr", mode="r", storage_options=options)
-    assert root["teachers/test_resnet/done"][:].all() and root["samples/key"].shape == (48,)
-    fs = _s3fs(s3_server)
-    bucket = s3.removeprefix("s3://")
-    for name in ("run.json", "model.safetensors", "config.json", "curves.png", "metrics.jsonl",
-                 "ema/model.safetensors"):
-        assert fs.exists(f"{bucket}/whole/{name}"), name
-    records = [json.loads(line) for line in fs.cat_file(f"{bucket}/whole/metrics.jsonl").decode().splitlines()]
-    assert [r["epoch"] for r in records if r["kind"] == "eval"] == [1, 2]
-
-    # Killed from outside once a committed checkpoint is on S3, then resumed.
+    # The uninterrupted run and the run to be killed start together: each waits mostly on Ray's start-up.
+    uninterrupted = _cli([*train, "--out", f"{s3}/whole"], env)
     killed = _cli([*train, "--out", f"{s3}/cut"], env)
     try:
         deadline = time.monotonic() + 300
@@ -272,9 +261,28 @@ def test_pipeline_on_s3_end_to_end_and_a_killed_run_resumes_from_s3(s3, s3_serve
             assert time.monotonic() < deadline, "no committed checkpoint on S3"
             fs.invalidate_cache()
             time.sleep(0.05)
+    except BaseException:
+        kill_process_tree(uninterrupted.pid)
+        raise
     finally:
         kill_process_tree(killed.pid)
     printed.append(killed.communicate()[0])
+    printed.append(_finish(uninterrupted))
+    assert "val top-1" in printed[-1] and "(48 samples)" in printed[-1]
+
+    # Plain zarr reads the store back; the export is on S3.
+    import zarr
+
+    options = {"endpoint_url": s3_server.endpoint, "key": s3_server.access_key, "secret": s3_server.secret_key}
+    root = zarr.open_group(f"{s3}/cache.zarr", mode="r", storage_options=options)
+    assert root["teachers/test_resnet/done"][:].all() and root["samples/key"].shape == (48,)
+    for name in ("run.json", "model.safetensors", "config.json", "curves.png", "metrics.jsonl",
+                 "ema/model.safetensors"):
+        assert fs.exists(f"{bucket}/whole/{name}"), name
+    records = [json.loads(line) for line in fs.cat_file(f"{bucket}/whole/metrics.jsonl").decode().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "eval"] == [1, 2]
+
+    # Killed from outside once a committed checkpoint was on S3 (above), then resumed.
     fs.invalidate_cache()
     assert not fs.exists(f"{bucket}/cut/model.safetensors")
     printed.append(_run([*train, "--out", f"{s3}/cut", "--resume"], env))
