@@ -560,7 +560,8 @@ def quickstart(out: str, teacher_epochs: int | None, student_epochs: int | None,
 
     Makes shards, trains two small teachers of different families on labels,
     caches their per-view outputs, then trains a regla_t student from the cache
-    and the same student on labels alone (same seed and epochs), and prints their
+    and the same student on labels alone (one recipe: same seed, epochs and
+    cached views; the labels-only run has the KD weight at 0), and prints their
     val accuracies.
     """
     from jobs.quickstart import QuickstartConfig, run_quickstart
