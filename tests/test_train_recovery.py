@@ -111,7 +111,7 @@ def _finish(process: subprocess.Popen, timeout: float = 400) -> str:
     return output
 
 
-# Both recovery runs: two DDP workers of one CPU, a checkpoint every 2 steps (5 steps per epoch).
+# Both recovery runs: two DDP workers of one CPU, a checkpoint every 2 steps.
 RECOVERY = dict(no_distill=True, store=None, epochs=3, num_workers=2, cpus_per_worker=1, checkpoint_every=2,
                 log_every=2, progress=True)
 
