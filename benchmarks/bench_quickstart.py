@@ -21,6 +21,10 @@ import time
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 RUNS = {"teacher resnet10t": "teachers/resnet10t", "teacher convnext_atto": "teachers/convnext_atto",
         "student regla_t, KD from the cache": "students/kd", "student regla_t, labels only": "students/labels"}
+# What `pipeline quickstart` runs (jobs/quickstart.py); saved with the result so that a result from an
+# earlier recipe can be told apart.
+RECIPE = ("teachers 2 epochs, students 3 epochs, batch 64, seed 0, 4 cached views, top-5; "
+          "both students label weight 1.0, KD weight 1.0 vs 0 (labels only)")
 
 
 def last_eval(run_dir: str) -> dict:
@@ -47,7 +51,8 @@ def main() -> None:
     subprocess.run(command, env=env, check=True)
     seconds = time.perf_counter() - start
     result = {"benchmark": "pipeline quickstart", "command": "pipeline quickstart --out DIR --no-progress",
-              "seconds": seconds, "accuracy": {name: last_eval(os.path.join(work, d)) for name, d in RUNS.items()},
+              "recipe": RECIPE, "seconds": seconds,
+              "accuracy": {name: last_eval(os.path.join(work, d)) for name, d in RUNS.items()},
               "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
                           "python": sys.version.split()[0]}}
     print(json.dumps(result, indent=2))

@@ -45,6 +45,9 @@ from teachers import load_teacher, parse_teacher_spec  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 TEACHERS = ("resnet10t,img_size=32,num_classes=10", "convnext_atto,img_size=32,num_classes=10")
+# Ratios of images/s saved per round as well (name: (numerator mode, denominator mode)).
+RATIOS = {"ratio_cached_over_labels": ("cached", "labels"), "speedup_cached_over_online": ("cached", "online"),
+          "speedup_channels_last": ("labels", "labels_nchw")}
 
 
 def build_store(root: str, views: int, seed: int) -> tuple[str, str]:
@@ -130,10 +133,13 @@ def main() -> None:
     for mode in modes:  # warm-up steps: allocator, lazy init
         time_steps(runs[mode], loaded[mode][:2], 2)
     step_times: dict[str, list[float]] = {m: [] for m in modes}
+    round_ips: dict[str, list[float]] = {m: [] for m in modes}  # per round, so ratios come with their spread
     for r in range(args.rounds):
         for mode in modes:
             batches = loaded[mode][2 + r * args.steps: 2 + (r + 1) * args.steps]
-            step_times[mode] += time_steps(runs[mode], batches, args.steps)
+            times = time_steps(runs[mode], batches, args.steps)
+            step_times[mode] += times
+            round_ips[mode].append(args.batch_size / statistics.median(times))
         print(f"round {r + 1}: " + ", ".join(f"{m} {args.batch_size / statistics.median(step_times[m]):.0f} img/s"
                                              for m in modes), flush=True)
     teacher_time = teacher_seconds(runs["online"], loaded["online"][0], reps=5)
@@ -151,6 +157,9 @@ def main() -> None:
         "speedup_cached_over_online": ips["cached"] / ips["online"],
         "predicted_speedup_from_teacher_share": (median["cached"] + teacher_time) / median["cached"],
         "speedup_channels_last": ips["labels"] / ips["labels_nchw"],
+        "rounds": {"images_per_second": round_ips,
+                   **{name: [a / b for a, b in zip(round_ips[num], round_ips[den])]
+                      for name, (num, den) in RATIOS.items()}},
         "torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.machine(),
         "cpus": os.cpu_count(),
     }

@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=8)
     parser.add_argument("--feature-views", type=int, default=2)
     parser.add_argument("--topk", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=RESULTS / "estimate-imagenet.json")
     args = parser.parse_args()
     result = estimate(args.views, args.feature_views, args.topk)
     store = result["store_bytes"]
@@ -79,9 +80,9 @@ def main() -> None:
         print(f"{name}: {hours:.2f} GPU-hours")
     print(f"one GPU runs both teachers at {result['gpu_images_per_second_all_teachers']:.0f} images/s; "
           f"decoding needs at most {result['decode_cores_per_gpu_ceiling']:.2f} CPU cores per GPU")
-    out = RESULTS / "estimate-imagenet.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {out}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {args.out}")
 
 
 if __name__ == "__main__":
