@@ -28,12 +28,17 @@ LANDSCAPE, PORTRAIT = (500, 375), (375, 500)
 QUALITY = 90
 
 
-def load_photos() -> list[Image.Image]:
-    """The colour photos shipped in the scikit-image wheel, as RGB PIL images."""
+def skimage_data_folder() -> str:
+    """The folder of photos inside the installed scikit-image wheel (found without importing it)."""
     spec = importlib.util.find_spec("skimage")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"ImageNet-shaped benchmark data needs the scikit-image wheel's photos: {SKIMAGE_INSTALL}")
-    folder = os.path.join(spec.submodule_search_locations[0], "data")
+        raise SystemExit(f"this benchmark data needs the scikit-image wheel's photos: {SKIMAGE_INSTALL}")
+    return os.path.join(spec.submodule_search_locations[0], "data")
+
+
+def load_photos() -> list[Image.Image]:
+    """The colour photos shipped in the scikit-image wheel, as RGB PIL images."""
+    folder = skimage_data_folder()
     return [Image.open(os.path.join(folder, name)).convert("RGB") for name in PHOTOS]
 
 
