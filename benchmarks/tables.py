@@ -1,6 +1,7 @@
-"""docs/benchmarks.md's tables and measured numbers, rendered from the saved results in benchmarks/results/.
+"""docs/benchmarks.md's tables and measured numbers, and README.md's headline numbers, rendered from the
+saved results in benchmarks/results/.
 
-The page keeps its hand-written prose; every table, and every sentence that states a measured
+Each page keeps its hand-written prose; every table, and every sentence that states a measured
 number, sits in a generated region between ``<!-- generated: NAME -->`` and
 ``<!-- /generated: NAME -->`` lines, and is rewritten from the JSON here, so the page cannot drift
 from the results. ``commands-SECTION`` regions show the commands of benchmarks/run_all.py's steps
@@ -9,8 +10,8 @@ for that section, so the documented commands are the ones run_all runs.
 A target counts as met only when the whole measured spread (every round, or every rep) clears it;
 see ``verdict``.
 
-    python benchmarks/tables.py            # rewrite every region in place
-    python benchmarks/tables.py --check    # exit 1, naming the stale regions, if the page would change
+    python benchmarks/tables.py            # rewrite every region of both pages in place
+    python benchmarks/tables.py --check    # exit 1, naming the stale regions, if a page would change
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from run_all import STEPS  # noqa: E402
+import quality_report  # noqa: E402
 
 RESULTS = HERE / "results"
 DOC = HERE.parent / "docs" / "benchmarks.md"
+README = HERE.parent / "README.md"
 OPEN = re.compile(r"<!-- generated: ([\w-]+) -->")
 CLOSE = re.compile(r"<!-- /generated: ([\w-]+) -->")
 NOT_SHOWN = "within the spread: not shown"
@@ -766,6 +769,43 @@ def quickstart(results: Path) -> list[str]:
     return lines
 
 
+# --- README headlines ------------------------------------------------------------------------------
+
+QUALITY = "quality"  # the study's runs, one folder per dataset
+
+
+@region("readme-headlines")
+def readme_headlines(results: Path) -> list[str]:
+    """One line per headline, each with its spread and a link to the table it comes from."""
+    ok = model_records(load(results, SWEEP))
+    median, low, high = ratio_spread(ok[("iformer_m", 1024, 1, "fp32")], ok[("regla_m", 1024, 1, "fp32")])
+    (_, _, cache), = [d for d in cache_data(results) if d[0] == CACHE_RUNS[-1]]
+    lines = [
+        f"- **Model latency**: `regla_m` runs 1024-px images {median:.2f}x as fast as `iformer_m` (batch 1, fp32, "
+        f"2-core CPU; {low:.2f}-{high:.2f} over every rep) "
+        "([table](docs/benchmarks.md#model-latency-benchmarksbench_modelspy)).",
+        f"- **Cache efficiency**: the cache job runs at {med_span(cache['end_over_bound_1'], '.2f')} of the rate "
+        "at which the teacher's forward and the JPEG decoding can share the same cores, start-up included "
+        "(ImageNet-shaped 500x375 JPEGs, 2 views at 224 px) "
+        "([table](docs/benchmarks.md#cache-throughput-and-decoding-benchmarksbench_cachepy)).",
+    ]
+    studies = quality_report.studied(str(results / QUALITY))
+    for dataset, runs in sorted(studies.items()):
+        name = quality_report.DATASET_NAMES.get(dataset, dataset).split(" (")[0]
+        parts = []
+        if "kd-2t" in runs and "labels" in runs:
+            delta, error = quality_report.difference(runs["kd-2t"], runs["labels"])
+            parts.append(f"KD from two cached teachers vs labels only: {delta:+.2f} ± {2 * error:.2f} points of "
+                         f"val top-1 ({quality_report.verdict(delta, error)}, {len(runs['kd-2t'])} seeds)")
+        if "kd-2t-kall" in runs and "online-2t" in runs:
+            delta, error = quality_report.difference(runs["kd-2t-kall"], runs["online-2t"])
+            parts.append(f"cached vs the same teachers run live: {delta:+.2f} ± {2 * error:.2f} "
+                         f"({quality_report.verdict(delta, error)})")
+        if parts:
+            lines.append(f"- **{name}**: " + "; ".join(parts) + " ([tables](docs/quality.md)).")
+    return lines
+
+
 # --- the page ----------------------------------------------------------------------------------------
 
 def split_regions(text: str, doc: Path) -> list[tuple[str | None, list[str]]]:
@@ -812,25 +852,29 @@ def render(doc: Path = DOC, results: Path = RESULTS) -> tuple[str, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="exit 1 if the page is stale; write nothing")
-    parser.add_argument("--doc", type=Path, default=DOC, help="the page (default docs/benchmarks.md)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a page is stale; write nothing")
+    parser.add_argument("--doc", type=Path, action="append",
+                        help="a page to render (repeatable; default docs/benchmarks.md and README.md)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON folder (default benchmarks/results)")
     args = parser.parse_args(argv)
-    try:
-        text, stale = render(args.doc, args.results)
-    except TablesError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.check:
+    status = 0
+    for doc in args.doc or [DOC, README]:
+        try:
+            text, stale = render(doc, args.results)
+        except TablesError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.check:
+            if stale:
+                print(f"{doc}: stale regions: {', '.join(stale)} (run python benchmarks/tables.py)")
+                status = 1
+            else:
+                print(f"{doc}: every region matches {args.results}")
+            continue
         if stale:
-            print(f"{args.doc}: stale regions: {', '.join(stale)} (run python benchmarks/tables.py)")
-            return 1
-        print(f"{args.doc}: every region matches {args.results}")
-        return 0
-    if stale:
-        args.doc.write_text(text)
-    print(f"{args.doc}: {len(stale)} region(s) rewritten" + (f": {', '.join(stale)}" if stale else ""))
-    return 0
+            doc.write_text(text)
+        print(f"{doc}: {len(stale)} region(s) rewritten" + (f": {', '.join(stale)}" if stale else ""))
+    return status
 
 
 if __name__ == "__main__":
