@@ -54,22 +54,26 @@ def verdict(delta: float, error: float) -> str:
     return "within noise" if abs(delta) <= 2 * error else ("better" if delta > 0 else "worse")
 
 
+def comparison(runs: dict[str, list[dict]], name: str, reference: str) -> str:
+    if reference not in runs or name == reference:
+        return "-"
+    delta, error = difference(runs[name], runs[reference])
+    return f"{delta:+.2f} ± {2 * error:.2f}: {verdict(delta, error)}"
+
+
 def arm_table(dataset: str, runs: dict[str, list[dict]]) -> list[str]:
     from quality_study import ARMS
 
-    labels = runs.get("labels")
-    rows = ["| arm | what differs | val top-1 % (mean ± sd, n) | EMA top-1 % | vs labels only (± 2 se) |",
-            "|---|---|---|---|---|"]
+    rows = ["| arm | what differs | val top-1 % (mean ± sd, n) | EMA top-1 % | vs labels only (± 2 se) "
+            "| vs `kd-2t` (± 2 se) |",
+            "|---|---|---|---|---|---|"]
     for name, arm in ARMS.items():
         if name not in runs:
             continue
         mean, sd, n = stats(runs[name])
         ema, _, _ = stats(runs[name], "ema_top1")
-        versus = "-"
-        if labels and name != "labels":
-            delta, error = difference(runs[name], labels)
-            versus = f"{delta:+.2f} ± {2 * error:.2f}: {verdict(delta, error)}"
-        rows.append(f"| `{name}` | {arm.description} | {mean:.2f} ± {sd:.2f} ({n}) | {ema:.2f} | {versus} |")
+        rows.append(f"| `{name}` | {arm.description} | {mean:.2f} ± {sd:.2f} ({n}) | {ema:.2f} "
+                    f"| {comparison(runs, name, 'labels')} | {comparison(runs, name, 'kd-2t')} |")
     return rows
 
 
@@ -77,6 +81,20 @@ def teacher_lines(runs: dict[str, list[dict]]) -> list[str]:
     teachers = sorted(name for name in runs if name.startswith("teacher-"))
     return [f"- `{runs[t][0]['model']}`: {runs[t][0]['final']['top1']:.2f}% val top-1 "
             f"({runs[t][0]['recipe']['teacher_epochs']} epochs on labels, seed 0)" for t in teachers]
+
+
+def summary(runs: dict[str, list[dict]]) -> list[str]:
+    """The arms grouped by their verdict against labels only."""
+    from quality_study import ARMS
+
+    if "labels" not in runs:
+        return []
+    groups: dict[str, list[str]] = {}
+    for name in ARMS:
+        if name != "labels" and name in runs:
+            groups.setdefault(verdict(*difference(runs[name], runs["labels"])), []).append(f"`{name}`")
+    return ["Against labels only: " + "; ".join(f"{v}: {', '.join(names)}" for v, names in sorted(groups.items()))
+            + "."]
 
 
 def cached_vs_online(runs: dict[str, list[dict]]) -> list[str]:
@@ -181,7 +199,8 @@ def render(all_runs: dict) -> str:
     ]
     for dataset, runs in sorted(all_runs.items()):
         lines += [f"## {DATASET_NAMES.get(dataset, dataset)}", "", recipe_line(runs), "", "Teachers:", "",
-                  *teacher_lines(runs), "", *arm_table(dataset, runs), "", *cached_vs_online(runs), ""]
+                  *teacher_lines(runs), "", *arm_table(dataset, runs), "", *summary(runs), "",
+                  *cached_vs_online(runs), ""]
     lines += ["## Plots", "",
               "![accuracy vs views](quality/accuracy-vs-views.png)", "",
               "![accuracy vs top-k](quality/accuracy-vs-topk.png)", "",
@@ -191,6 +210,8 @@ def render(all_runs: dict) -> str:
 
 def write(results: str, docs: str) -> str:
     all_runs = studied(results)
+    if not all_runs:
+        raise SystemExit(f"no student runs under {results}: run benchmarks/quality_study.py first")
     figures = os.path.join(docs, "quality")
     os.makedirs(figures, exist_ok=True)
     plot_sweep(all_runs, V_ARMS, "cached views per image (V)", os.path.join(figures, "accuracy-vs-views.png"))

@@ -32,6 +32,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -128,15 +129,18 @@ def train_run(config_values: dict) -> dict:
                       for r in records if r["kind"] == "train"]}
 
 
-def run_all(jobs: dict[str, dict], workers: int) -> dict[str, dict]:
-    """Train every config (key -> TrainConfig fields), ``workers`` at a time; results by key."""
+def run_all(jobs: dict, workers: int, on_done: Callable[[object, dict], None] | None = None) -> dict:
+    """Train every config (key -> TrainConfig fields), ``workers`` at a time; results by key.
+    ``on_done`` gets each result as soon as its run ends, so an interrupted study keeps it."""
     results = {}
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(train_run, values): key for key, values in jobs.items()}
         for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            print(f"  done {futures[future]}: {results[futures[future]]['evals'][-1]['top1']:.2f}% top-1 "
-                  f"in {results[futures[future]]['seconds']:.0f} s", flush=True)
+            key, result = futures[future], future.result()
+            results[key] = result
+            print(f"  done {key}: {result['evals'][-1]['top1']:.2f}% top-1 in {result['seconds']:.0f} s", flush=True)
+            if on_done is not None:
+                on_done(key, result)
     return results
 
 
@@ -258,10 +262,14 @@ def run_study(dataset: str, arms: list[str], seeds: list[int], work: str, out: s
             import shutil
 
             shutil.rmtree(run_dir)
-    for (arm, seed), result in run_all(jobs, workers).items():
+
+    def save(key: tuple[str, int], result: dict) -> None:
+        arm, seed = key
         save_json(os.path.join(out, f"{arm}-seed{seed}.json"), {
             "dataset": dataset, "run": arm, "arm": asdict(ARMS[arm]), "seed": seed, "recipe": asdict(recipe),
             "teachers": list(TEACHERS), "final": result["evals"][-1], **result, "machine": machine()})
+
+    run_all(jobs, workers, on_done=save)
     print(f"{dataset}: finished in {time.perf_counter() - started:.0f} s", flush=True)
 
 
