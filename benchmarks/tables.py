@@ -1,5 +1,6 @@
-"""docs/benchmarks.md's tables and measured numbers, and README.md's headline numbers, rendered from the
-saved results in benchmarks/results/.
+"""The measured numbers of the docs, rendered from the saved results in benchmarks/results/:
+docs/benchmarks.md's tables, README.md's headline numbers, and the measured figures quoted in
+docs/architecture.md, docs/cluster.md, docs/store-format.md, docs/training.md and docs/regla.md.
 
 Each page keeps its hand-written prose; every table, and every sentence that states a measured
 number, sits in a generated region between ``<!-- generated: NAME -->`` and
@@ -10,7 +11,7 @@ for that section, so the documented commands are the ones run_all runs.
 A target counts as met only when the whole measured spread (every round, or every rep) clears it;
 see ``verdict``.
 
-    python benchmarks/tables.py            # rewrite every region of both pages in place
+    python benchmarks/tables.py            # rewrite every region of every page (PAGES) in place
     python benchmarks/tables.py --check    # exit 1, naming the stale regions, if a page would change
 """
 
@@ -29,12 +30,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run_all import STEPS  # noqa: E402
+from run_all import RESULTS as RUN_ALL_RESULTS, STEPS  # noqa: E402
 import quality_report  # noqa: E402
 
 RESULTS = HERE / "results"
-DOC = HERE.parent / "docs" / "benchmarks.md"
+DOCS = HERE.parent / "docs"
+DOC = DOCS / "benchmarks.md"
 README = HERE.parent / "README.md"
+# Every page with generated regions: the default of main().
+PAGES = (DOC, README, *(DOCS / f"{name}.md"
+                         for name in ("architecture", "cluster", "store-format", "training", "regla")))
 OPEN = re.compile(r"<!-- generated: ([\w-]+) -->")
 CLOSE = re.compile(r"<!-- /generated: ([\w-]+) -->")
 NOT_SHOWN = "within the spread: not shown"
@@ -153,6 +158,14 @@ def render_commands(section: str) -> list[str]:
 
 for _section in sorted({s.section for s in STEPS if s.section}):
     REGIONS[f"commands-{_section}"] = lambda results, section=_section: render_commands(section)
+
+
+def produced_by(name: str) -> str:
+    """The run_all command that writes the result file ``name``, as inline code."""
+    for step in STEPS:
+        if f"{RUN_ALL_RESULTS}/{name}" in step.args:
+            return f"`{shlex.join(step.command())}`"
+    raise TablesError(f"no benchmarks/run_all.py step writes {name}")
 
 
 # --- model latency (bench_models.py) -----------------------------------------------------------------
@@ -305,6 +318,11 @@ def all_rounds_free(doc: dict) -> bool:
     return doc["build"]["rounds_with_two_free_cores"] == len(doc["build"]["speed_up"]["2"]["rounds"])
 
 
+def free_shard_runs(results: Path) -> list[tuple[str, str, dict]]:
+    """The make-shards runs with two free cores in every round."""
+    return [run for run in shard_runs(results) if all_rounds_free(run[2])]
+
+
 @region("make-shards-build")
 def make_shards_build(results: Path) -> list[str]:
     rows = []
@@ -320,9 +338,8 @@ def make_shards_build(results: Path) -> list[str]:
 
 @region("make-shards-notes")
 def make_shards_notes(results: Path) -> list[str]:
-    runs = shard_runs(results)
-    free = [(label, doc) for label, _, doc in runs if all_rounds_free(doc)]
-    busy = [(label, doc) for label, _, doc in runs if doc["build"]["rounds_with_two_free_cores"] == 0]
+    free = [(label, doc) for label, _, doc in free_shard_runs(results)]
+    busy = [(label, doc) for label, _, doc in shard_runs(results) if doc["build"]["rounds_with_two_free_cores"] == 0]
 
     def medians(get: Callable[[dict], dict]) -> list[float]:
         """The median of each free run's {median, min, max} record that ``get`` picks."""
@@ -534,12 +551,10 @@ def store_compression_table(results: Path) -> list[str]:
     return table(["array (raw bytes/view)", "teacher", *SHUFFLES], rows)
 
 
-@region("store-compression-notes")
-def store_compression_notes(results: Path) -> list[str]:
-    doc, old = load(results, "store-compression.json"), load(results, "store-compression-format1.json")
-    teachers = teachers_of(doc)
-    t = doc["teachers"]
-    budget = [doc["budget"][n]["total"] for n in teachers]
+def byte_shuffle_standing(doc: dict) -> tuple[str, float]:
+    """Where byte shuffle (level 5) stands: 'best for every top-k array' or how many, and its largest
+    relative excess over the best shuffle on the features."""
+    teachers, t = teachers_of(doc), doc["teachers"]
     topk_arrays = [k for k in t[teachers[0]] if k.startswith(("topk", "log_leftover ("))]
     best = [(n, k) for n in teachers for k in topk_arrays
             if min(SHUFFLES, key=lambda s: t[n][k][f"{s}/5"]["bytes_per_view"]) == "shuffle"]
@@ -547,11 +562,27 @@ def store_compression_notes(results: Path) -> list[str]:
                  else f"best for {len(best)} of {len(teachers) * len(topk_arrays)} top-k arrays")
     feature_gap = max(t[n]["features"]["shuffle/5"]["bytes_per_view"]
                       / min(t[n]["features"][f"{s}/5"]["bytes_per_view"] for s in SHUFFLES) - 1 for n in teachers)
+    return best_text, feature_gap
+
+
+def feature_fractions(doc: dict) -> list[float]:
+    """Each teacher's fp16 features as stored (byte shuffle, level 5) over their raw 2 x D bytes."""
+    t = doc["teachers"]
+    return [t[n]["features"]["shuffle/5"]["bytes_per_view"] / t[n]["features"]["raw_bytes_per_view"]
+            for n in teachers_of(doc)]
+
+
+@region("store-compression-notes")
+def store_compression_notes(results: Path) -> list[str]:
+    doc, old = load(results, "store-compression.json"), load(results, "store-compression-format1.json")
+    teachers = teachers_of(doc)
+    t = doc["teachers"]
+    budget = [doc["budget"][n]["total"] for n in teachers]
+    best_text, feature_gap = byte_shuffle_standing(doc)
     main = [t[n][k] for n in teachers for k in ("topk_logprob", "topk_index", "features")]
     saves = [1 - a["shuffle/9"]["bytes_per_view"] / a["shuffle/5"]["bytes_per_view"] for a in main]
     speed9, speed5 = [a["shuffle/9"]["encode_mb_s"] for a in main], [a["shuffle/5"]["encode_mb_s"] for a in main]
-    features = [t[n]["features"]["shuffle/5"]["bytes_per_view"] / t[n]["features"]["raw_bytes_per_view"]
-                for n in teachers]
+    features = feature_fractions(doc)
     logprob = [t[n]["topk_logprob"]["shuffle/5"]["bytes_per_view"] for n in teachers]
     logits = [old["teachers"][n]["topk_logits"]["shuffle/5"]["bytes_per_view"] for n in teachers_of(old)]
     summary = doc["store_summary"]
@@ -854,11 +885,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="exit 1 if a page is stale; write nothing")
     parser.add_argument("--doc", type=Path, action="append",
-                        help="a page to render (repeatable; default docs/benchmarks.md and README.md)")
+                        help="a page to render (repeatable; default every page with generated regions, PAGES)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     status = 0
-    for doc in args.doc or [DOC, README]:
+    for doc in args.doc or PAGES:
         try:
             text, stale = render(doc, args.results)
         except TablesError as e:
