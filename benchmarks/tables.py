@@ -837,6 +837,39 @@ def readme_headlines(results: Path) -> list[str]:
     return lines
 
 
+# --- docs/architecture.md --------------------------------------------------------------------------
+
+SHARDS_LINK = "[benchmarks](benchmarks.md#making-shards-benchmarksbench_make_shardspy)"
+
+
+def free_runs_text(runs: list[tuple[str, str, dict]]) -> str:
+    names = [f"`{name}`" for _, name, _ in runs]
+    listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+    return f"medians of the runs with two free cores, {listed}, runs of {produced_by(SHARD_RUNS[-2][1])}"
+
+
+@region("architecture-imports")
+def architecture_imports(results: Path) -> list[str]:
+    runs = free_shard_runs(results)
+    wds = [doc["import_seconds"]["webdataset"]["median"] for _, _, doc in runs]
+    ours = [doc["import_seconds"]["pipeline.data.make_shards"]["median"] for _, _, doc in runs]
+    return [f"Importing webdataset imports torch: {span(wds, '.1f')} s per worker in a fresh interpreter, against "
+            f"{span(ours)} s for `pipeline.data.make_shards` ({free_runs_text(runs)}; {SHARDS_LINK})."]
+
+
+@region("architecture-shard-reading")
+def architecture_shard_reading(results: Path) -> list[str]:
+    runs = free_shard_runs(results)
+    ours, theirs = ([doc["read"]["samples_per_second"][reader]["median"] for _, _, doc in runs]
+                    for reader in ("ours", "webdataset"))
+    gap = max(abs(1 - doc["read"]["ours_over_webdataset"]["median"]) for _, _, doc in runs)
+    scan = [doc["read"]["header_scan_over_webdataset"]["median"] for _, _, doc in runs]
+    return [f"Speed does not decide between the two readers: they read the same shards at {span(ours, '.0f')} vs "
+            f"{span(theirs, '.0f')} samples/s (within {100 * gap:.1f}% of each other), and the header-only index "
+            f"scan is {span(scan, '.1f')}x as fast as reading a shard with "
+            f"webdataset ({free_runs_text(runs)}; {SHARDS_LINK})."]
+
+
 # --- the page ----------------------------------------------------------------------------------------
 
 def split_regions(text: str, doc: Path) -> list[tuple[str | None, list[str]]]:
