@@ -870,6 +870,105 @@ def architecture_shard_reading(results: Path) -> list[str]:
             f"webdataset ({free_runs_text(runs)}; {SHARDS_LINK})."]
 
 
+# --- docs/cluster.md -------------------------------------------------------------------------------
+
+ESTIMATE = "estimate-imagenet.json"
+
+
+@region("cluster-decode-cores")
+def cluster_decode_cores(results: Path) -> list[str]:
+    cache, estimate = load(results, CACHE_RUNS[-1]), load(results, ESTIMATE)
+    decode = cache["decode_per_core"]
+    return [f"- **Decode cores.** A worker is fed when its decode cores keep up with its forward: one core decodes "
+            f"and renders {med_range(decode, '.0f')} ImageNet-shaped images/s with {cache['views']} views of 224 px "
+            f"(median (range) of {len(decode['rounds'])} rounds, `{CACHE_RUNS[-1]}`, from "
+            f"{produced_by(CACHE_RUNS[-1])}). A worker whose teachers together forward F views/s needs F / V images/s "
+            f"decoded with V views each, which takes at most (F / V) x (V / 2) / {decode['median']:.0f} = "
+            f"F / {2 * decode['median']:.0f} cores by median (rendering grows with V, decoding does not). The worked "
+            f"estimate below gives at most {estimate['decode_cores_per_gpu_ceiling']:.2f} cores per GPU for two "
+            f"base-size teachers at {estimate['views']} views; small teachers (thousands of views/s more) need "
+            "several."]
+
+
+@region("cluster-loader")
+def cluster_loader(results: Path) -> list[str]:
+    doc = load(results, "loader-cpu.json")
+    runs = doc["runs"]
+
+    def rate(mode: str) -> str:
+        return med_span([r["examples_per_s"] for r in runs[mode]], ".0f")
+
+    return [f"- **Loader processes.** One student loader process renders {rate('stream')} examples/s at "
+            f"{doc['img_size']} px with teacher targets joined, {rate('stream_x2')} with two crops per decoded image "
+            f"(median (range) of {doc['rounds']} rounds, second epoch; `loader-cpu.json`, from "
+            f"{produced_by('loader-cpu.json')}), so a GPU training a small student at several thousand images/s needs "
+            "several loader processes and the CPUs for them."]
+
+
+def estimate_of(results: Path) -> dict:
+    """estimate-imagenet.json, checked against the results it was computed from."""
+    estimate = load(results, ESTIMATE)
+    measured = sorted(b["total"] for b in load(results, "store-compression.json")["budget"].values())
+    decode = load(results, CACHE_RUNS[-1])["decode_per_core"]["median"]
+    floor = estimate["decode_images_per_second_per_core_floor"] * max(estimate["views"], 2) / 2
+    if sorted(estimate["store_bytes"]["topk_bytes_per_view_measured_10_classes"]) != measured \
+            or not math.isclose(floor, decode):
+        raise TablesError(f"{ESTIMATE} is older than store-compression.json or {CACHE_RUNS[-1]}: "
+                          "rerun python benchmarks/estimate_imagenet.py")
+    return estimate
+
+
+def source_link(source: str) -> str:
+    """timm's 'results/X.csv (OWNER/REPO@COMMIT), ...' with a link to that file at that commit."""
+    match = re.fullmatch(r"timm (results/\S+) \(([\w.-]+/[\w.-]+)@(\w+)\)(.*)", source)
+    if not match:
+        return source
+    path, repo, commit, rest = match.groups()
+    return f"timm's [`{path}`](https://github.com/{repo}/blob/{commit}/{path}){rest}"
+
+
+@region("cluster-estimate-table")
+def cluster_estimate_table(results: Path) -> list[str]:
+    doc = estimate_of(results)
+    store, teachers, views = doc["store_bytes"], doc["teachers"], doc["views"]
+    compression = load(results, "store-compression.json")
+    gb = 1e9
+    features = ", ".join(f"{store['features'][n] / gb:.2f} GB ({n}, D = {t['feature_dim']})"
+                         for n, t in teachers.items())
+    decode = doc["decode_images_per_second_per_core_floor"] * max(views, 2) / 2
+    rows = [["images x views", f"{doc['images']:,} x {views} = {doc['images'] * views / 1e6:.1f} M view rows",
+             "ImageNet-1k train"],
+            [f"top-{doc['topk']} + leftover, per teacher",
+             f"{store['topk_per_teacher_low'] / gb:.2f}-{store['topk_per_teacher_high'] / gb:.2f} GB",
+             f"{min(store['topk_bytes_per_view_measured_10_classes']):.1f} B/view measured with 10-class teachers "
+             f"(`store-compression.json`) to {store['topk_bytes_per_view_raw']} B/view uncompressed"],
+            [f"features on {doc['feature_views']} views", features,
+             "2 x D bytes per view, uncompressed: fp16 features compressed to "
+             f"{span([100 * f for f in feature_fractions(compression)], '.0f')}% of that in `store-compression.json`"],
+            ["views table (boxes + flips)", f"{store['views_table'] / gb:.2f} GB before compression",
+             f"{store['views_table'] / (doc['images'] * views):g} bytes per view"]]
+    rows += [[f"GPU-hours, {n}", f"{doc['gpu_hours'][n]:.2f}", f"{t['images_per_second']:.0f} images/s (cited, below)"]
+             for n, t in teachers.items()]
+    rows.append(["decode cores per GPU", f"at most {doc['decode_cores_per_gpu_ceiling']:.2f}",
+                 f"{decode:.0f} images/s per core for decode + 2 views (median, `{CACHE_RUNS[-1]}`), at least 2/V of "
+                 "that for V views"])
+    return table(["quantity", "value", "from"], rows)
+
+
+@region("cluster-estimate-notes")
+def cluster_estimate_notes(results: Path) -> list[str]:
+    doc = estimate_of(results)
+    store, hours = doc["store_bytes"], sum(doc["gpu_hours"].values())
+    total = 2 * store["topk_per_teacher_high"] + sum(store["features"].values()) + store["views_table"]
+    return [f"GPU rates are cited, not measured here: {source_link(doc['teacher_rate_source'])}, 224 px (the rows "
+            f"{' and '.join(f'`{n}`' for n in doc['teachers'])}); an H100 is faster, so these hours are an upper "
+            f"estimate for it. So the whole store, features included, is at most about {total / 1e9:.0f} GB before "
+            f"compression, and {hours:.1f} GPU-hours make it: about {60 * hours / 32:.0f} minutes on a 32-GPU "
+            f"cluster, once, for every student trained from it. Decoding is not the limit with base-size teachers at "
+            f"{doc['views']} views; with small teachers (resnet50 class) or fewer views a GPU needs several decode "
+            "cores."]
+
+
 # --- the page ----------------------------------------------------------------------------------------
 
 def split_regions(text: str, doc: Path) -> list[tuple[str | None, list[str]]]:
