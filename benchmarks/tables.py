@@ -969,6 +969,79 @@ def cluster_estimate_notes(results: Path) -> list[str]:
             "cores."]
 
 
+# --- docs/store-format.md --------------------------------------------------------------------------
+
+PRECISION = "store-precision.json"
+
+
+@region("store-format-precision-table")
+def store_format_precision_table(results: Path) -> list[str]:
+    rows = []
+    for s in load(results, PRECISION)["settings"]:
+        f1, t1, t4 = s["format1_T1"], s["format2_T1"], s["format2_T4"]
+        rows.append([str(s["classes"]), str(s["k"]), f"{s['top']:g}", f"{f1['true_leftover_median']:.1e}",
+                     f"{f1['leftover_rel_error_median']:.2g} / {f1['leftover_rel_error_max']:.2g}",
+                     f"{100 * f1['clamped_fraction']:.0f}%", f"{f1['kl_max']:.1e}",
+                     f"{t1['leftover_rel_error_median']:.1e} / {t1['leftover_rel_error_max']:.1e}",
+                     f"{t1['kl_max']:.1e}", f"{t4['leftover_rel_error_max']:.1e}", f"{t4['kl_max']:.1e}"])
+    return table(["C", "k", "top logit", "leftover (median, T=1)", "format 1, T=1: leftover error", "L = 0", "max KL",
+                  "format 2, T=1: leftover error", "max KL", "format 2, T=4: max leftover error", "max KL"], rows)
+
+
+@region("store-format-precision-notes")
+def store_format_precision_notes(results: Path) -> list[str]:
+    doc = load(results, PRECISION)
+    settings, targets = doc["settings"], doc["targets"]
+
+    def worst(fmt: str, key: str, among: Sequence[dict] = settings) -> float:
+        return max(s[fmt][key] for s in among)
+
+    errors = [s[f]["leftover_rel_error_max"] for s in settings for f in ("format2_T1", "format2_T4")]
+    kls = [s[f]["kl_max"] for s in settings for f in ("format2_T1", "format2_T4")]
+    resolved = min(s[f]["fp32_resolves_fraction"] for s in settings for f in ("format1_T1", "format2_T1"))
+    bad, hit = [], []
+    for classes in sorted({s["classes"] for s in settings}):
+        mine = sorted((s for s in settings if s["classes"] == classes), key=lambda s: s["top"])
+        tops = [s["top"] for s in mine]
+        first = next((top for top in tops if all(s["format1_T1"]["leftover_rel_error_median"] >= 1
+                                                 for s in mine if s["top"] >= top)), None)
+        if first is not None:
+            bad.append(f"{first:g} over {classes} classes")
+            hit += [s for s in mine if s["top"] >= first]
+    lines = [f"Format 2: leftover error at most {targets['leftover_rel_error']:g} relative in every setting: "
+             f"{verdict(errors, '<=', targets['leftover_rel_error'])}; KL at most {sci(targets['kl_nats'])} nats: "
+             f"{verdict(kls, '<=', targets['kl_nats'])}. The worst leftover error is "
+             f"{sci(worst('format2_T1', 'leftover_rel_error_max'))} and the worst KL "
+             f"{sci(worst('format2_T1', 'kl_max'))} nats at T = 1 ({sci(worst('format2_T4', 'leftover_rel_error_max'))}"
+             f" and {sci(worst('format2_T4', 'kl_max'))} at T = 4). "
+             + (f"Every leftover here is within fp32's range (`fp32_resolves_fraction` {resolved:g} in every setting; "
+                if resolved == 1 else f"Down to {100 * resolved:.0f}% of the leftovers are within fp32's range (")
+             + f"the medians go down to {min(s['format1_T1']['true_leftover_median'] for s in settings):.0e}), "
+             "and a log in fp32 resolves masses far below it."]
+    if bad:
+        clamped = [100 * s["format1_T1"]["clamped_fraction"] for s in hit]
+        lines[0] += (f" Format 1's median leftover error is 100% or more once the top logit reaches {bad[0]}"
+                     + "".join(f" ({b})" for b in bad[1:])
+                     + f": the leftover is clamped to zero on {span(clamped, '.0f')}% of those views and is off by "
+                     f"up to {worst('format1_T1', 'leftover_rel_error_max', hit):.2g} times its true value on others; "
+                     f"its KL reaches {worst('format1_T1', 'kl_max'):.2f} nats.")
+    return lines
+
+
+@region("store-format-compression")
+def store_format_compression(results: Path) -> list[str]:
+    doc = load(results, "store-compression.json")
+    best_text, feature_gap = byte_shuffle_standing(doc)
+    budget = [b["total"] for b in doc["budget"].values()]
+    return [f"On the outputs of two small trained teachers (10 classes, `store-compression.json`, from "
+            f"{produced_by('store-compression.json')}) byte shuffle was {best_text} and within "
+            f"{100 * feature_gap:.1f}% of the best for the features. Top-{doc['topk']} + one temperature cost "
+            f"{span(budget, '.1f')} bytes per view per teacher (raw {4 * doc['topk'] + 4}); fp16 features compressed "
+            f"to {span([100 * f for f in feature_fractions(doc)], '.0f')}% of their raw 2 x D bytes, so budget up to "
+            "2 x D bytes per view for them "
+            "([benchmarks](benchmarks.md#store-compression-benchmarksbench_store_compressionpy))."]
+
+
 # --- the page ----------------------------------------------------------------------------------------
 
 def split_regions(text: str, doc: Path) -> list[tuple[str | None, list[str]]]:
