@@ -1042,6 +1042,18 @@ def store_format_compression(results: Path) -> list[str]:
             "([benchmarks](benchmarks.md#store-compression-benchmarksbench_store_compressionpy))."]
 
 
+# --- docs/training.md ------------------------------------------------------------------------------
+
+@region("training-channels-last")
+def training_channels_last(results: Path) -> list[str]:
+    doc = load(results, "train-cpu.json")
+    return [f"channels_last made {doc['model']}'s training step "
+            f"{train_ratio(doc, 'speedup_channels_last', '.2f')}x as fast as NCHW at {doc['img_size']} px, batch "
+            f"{doc['batch_size']}, on a {doc['cpus']}-core CPU (`train-cpu.json`, from "
+            f"{produced_by('train-cpu.json')}; "
+            "[benchmarks](benchmarks.md#student-training-throughput-benchmarksbench_trainpy))."]
+
+
 # --- the page ----------------------------------------------------------------------------------------
 
 def split_regions(text: str, doc: Path) -> list[tuple[str | None, list[str]]]:
