@@ -1054,6 +1054,26 @@ def training_channels_last(results: Path) -> list[str]:
             "[benchmarks](benchmarks.md#student-training-throughput-benchmarksbench_trainpy))."]
 
 
+# --- docs/regla.md ---------------------------------------------------------------------------------
+
+@region("regla-sizes")
+def regla_sizes(results: Path) -> list[str]:
+    doc = load(results, SWEEP)
+    sizes = {s["model"]: s for s in doc["sizes"]}
+    rows = []
+    for name in (s["model"] for s in doc["sizes"] if s["model"].startswith("regla_")):
+        ours, theirs = sizes[name], sizes.get(name.replace("regla_", "iformer_"))
+        row = [f"`{name}`", f"{ours['params_m']:.3f}", f"{ours['gmacs_224']:.3f}"]
+        row += ([f"{theirs['params_m']:.3f} / {theirs['gmacs_224']:.3f}",
+                 f"{ours['params_m'] / theirs['params_m']:.3f} / {ours['gmacs_224'] / theirs['gmacs_224']:.3f}"]
+                if theirs else ["-", "-"])
+        rows.append(row)
+    return [f"Counted at 224 px, batch 1, by torch's `FlopCounterMode` (MACs = FLOPs / 2; the counter of "
+            f"`pipeline models`) beside timm {doc['environment']['timm']}'s `iformer_*` counted the same way "
+            f"(`sizes` in `{SWEEP}`, from {produced_by(SWEEP)}):", ""] + table(
+        ["variant", "params (M)", "MACs (G)", "iFormer params / MACs", "ratio params / MACs"], rows)
+
+
 # --- the page ----------------------------------------------------------------------------------------
 
 def split_regions(text: str, doc: Path) -> list[tuple[str | None, list[str]]]:
