@@ -1,5 +1,6 @@
-"""docs/benchmarks.md's tables and measured numbers, and README.md's headline numbers, rendered from the
-saved results in benchmarks/results/.
+"""The measured numbers of the docs, rendered from the saved results in benchmarks/results/:
+docs/benchmarks.md's tables, README.md's headline numbers, and the measured figures quoted in
+docs/architecture.md, docs/cluster.md, docs/store-format.md, docs/training.md and docs/regla.md.
 
 Each page keeps its hand-written prose; every table, and every sentence that states a measured
 number, sits in a generated region between ``<!-- generated: NAME -->`` and
@@ -10,7 +11,7 @@ for that section, so the documented commands are the ones run_all runs.
 A target counts as met only when the whole measured spread (every round, or every rep) clears it;
 see ``verdict``.
 
-    python benchmarks/tables.py            # rewrite every region of both pages in place
+    python benchmarks/tables.py            # rewrite every region of every page (PAGES) in place
     python benchmarks/tables.py --check    # exit 1, naming the stale regions, if a page would change
 """
 
@@ -29,12 +30,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run_all import STEPS  # noqa: E402
+from run_all import RESULTS as RUN_ALL_RESULTS, STEPS  # noqa: E402
 import quality_report  # noqa: E402
 
 RESULTS = HERE / "results"
-DOC = HERE.parent / "docs" / "benchmarks.md"
+DOCS = HERE.parent / "docs"
+DOC = DOCS / "benchmarks.md"
 README = HERE.parent / "README.md"
+# Every page with generated regions: the default of main().
+PAGES = (DOC, README, *(DOCS / f"{name}.md"
+                         for name in ("architecture", "cluster", "store-format", "training", "regla")))
 OPEN = re.compile(r"<!-- generated: ([\w-]+) -->")
 CLOSE = re.compile(r"<!-- /generated: ([\w-]+) -->")
 NOT_SHOWN = "within the spread: not shown"
@@ -153,6 +158,14 @@ def render_commands(section: str) -> list[str]:
 
 for _section in sorted({s.section for s in STEPS if s.section}):
     REGIONS[f"commands-{_section}"] = lambda results, section=_section: render_commands(section)
+
+
+def produced_by(name: str) -> str:
+    """The run_all command that writes the result file ``name``, as inline code."""
+    for step in STEPS:
+        if f"{RUN_ALL_RESULTS}/{name}" in step.args:
+            return f"`{shlex.join(step.command())}`"
+    raise TablesError(f"no benchmarks/run_all.py step writes {name}")
 
 
 # --- model latency (bench_models.py) -----------------------------------------------------------------
@@ -305,6 +318,11 @@ def all_rounds_free(doc: dict) -> bool:
     return doc["build"]["rounds_with_two_free_cores"] == len(doc["build"]["speed_up"]["2"]["rounds"])
 
 
+def free_shard_runs(results: Path) -> list[tuple[str, str, dict]]:
+    """The make-shards runs with two free cores in every round."""
+    return [run for run in shard_runs(results) if all_rounds_free(run[2])]
+
+
 @region("make-shards-build")
 def make_shards_build(results: Path) -> list[str]:
     rows = []
@@ -320,9 +338,8 @@ def make_shards_build(results: Path) -> list[str]:
 
 @region("make-shards-notes")
 def make_shards_notes(results: Path) -> list[str]:
-    runs = shard_runs(results)
-    free = [(label, doc) for label, _, doc in runs if all_rounds_free(doc)]
-    busy = [(label, doc) for label, _, doc in runs if doc["build"]["rounds_with_two_free_cores"] == 0]
+    free = [(label, doc) for label, _, doc in free_shard_runs(results)]
+    busy = [(label, doc) for label, _, doc in shard_runs(results) if doc["build"]["rounds_with_two_free_cores"] == 0]
 
     def medians(get: Callable[[dict], dict]) -> list[float]:
         """The median of each free run's {median, min, max} record that ``get`` picks."""
@@ -534,12 +551,10 @@ def store_compression_table(results: Path) -> list[str]:
     return table(["array (raw bytes/view)", "teacher", *SHUFFLES], rows)
 
 
-@region("store-compression-notes")
-def store_compression_notes(results: Path) -> list[str]:
-    doc, old = load(results, "store-compression.json"), load(results, "store-compression-format1.json")
-    teachers = teachers_of(doc)
-    t = doc["teachers"]
-    budget = [doc["budget"][n]["total"] for n in teachers]
+def byte_shuffle_standing(doc: dict) -> tuple[str, float]:
+    """Where byte shuffle (level 5) stands: 'best for every top-k array' or how many, and its largest
+    relative excess over the best shuffle on the features."""
+    teachers, t = teachers_of(doc), doc["teachers"]
     topk_arrays = [k for k in t[teachers[0]] if k.startswith(("topk", "log_leftover ("))]
     best = [(n, k) for n in teachers for k in topk_arrays
             if min(SHUFFLES, key=lambda s: t[n][k][f"{s}/5"]["bytes_per_view"]) == "shuffle"]
@@ -547,11 +562,27 @@ def store_compression_notes(results: Path) -> list[str]:
                  else f"best for {len(best)} of {len(teachers) * len(topk_arrays)} top-k arrays")
     feature_gap = max(t[n]["features"]["shuffle/5"]["bytes_per_view"]
                       / min(t[n]["features"][f"{s}/5"]["bytes_per_view"] for s in SHUFFLES) - 1 for n in teachers)
+    return best_text, feature_gap
+
+
+def feature_fractions(doc: dict) -> list[float]:
+    """Each teacher's fp16 features as stored (byte shuffle, level 5) over their raw 2 x D bytes."""
+    t = doc["teachers"]
+    return [t[n]["features"]["shuffle/5"]["bytes_per_view"] / t[n]["features"]["raw_bytes_per_view"]
+            for n in teachers_of(doc)]
+
+
+@region("store-compression-notes")
+def store_compression_notes(results: Path) -> list[str]:
+    doc, old = load(results, "store-compression.json"), load(results, "store-compression-format1.json")
+    teachers = teachers_of(doc)
+    t = doc["teachers"]
+    budget = [doc["budget"][n]["total"] for n in teachers]
+    best_text, feature_gap = byte_shuffle_standing(doc)
     main = [t[n][k] for n in teachers for k in ("topk_logprob", "topk_index", "features")]
     saves = [1 - a["shuffle/9"]["bytes_per_view"] / a["shuffle/5"]["bytes_per_view"] for a in main]
     speed9, speed5 = [a["shuffle/9"]["encode_mb_s"] for a in main], [a["shuffle/5"]["encode_mb_s"] for a in main]
-    features = [t[n]["features"]["shuffle/5"]["bytes_per_view"] / t[n]["features"]["raw_bytes_per_view"]
-                for n in teachers]
+    features = feature_fractions(doc)
     logprob = [t[n]["topk_logprob"]["shuffle/5"]["bytes_per_view"] for n in teachers]
     logits = [old["teachers"][n]["topk_logits"]["shuffle/5"]["bytes_per_view"] for n in teachers_of(old)]
     summary = doc["store_summary"]
@@ -806,6 +837,243 @@ def readme_headlines(results: Path) -> list[str]:
     return lines
 
 
+# --- docs/architecture.md --------------------------------------------------------------------------
+
+SHARDS_LINK = "[benchmarks](benchmarks.md#making-shards-benchmarksbench_make_shardspy)"
+
+
+def free_runs_text(runs: list[tuple[str, str, dict]]) -> str:
+    names = [f"`{name}`" for _, name, _ in runs]
+    listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+    return f"medians of the runs with two free cores, {listed}, runs of {produced_by(SHARD_RUNS[-2][1])}"
+
+
+@region("architecture-imports")
+def architecture_imports(results: Path) -> list[str]:
+    runs = free_shard_runs(results)
+    wds = [doc["import_seconds"]["webdataset"]["median"] for _, _, doc in runs]
+    ours = [doc["import_seconds"]["pipeline.data.make_shards"]["median"] for _, _, doc in runs]
+    return [f"Importing webdataset imports torch: {span(wds, '.1f')} s per worker in a fresh interpreter, against "
+            f"{span(ours)} s for `pipeline.data.make_shards` ({free_runs_text(runs)}; {SHARDS_LINK})."]
+
+
+@region("architecture-shard-reading")
+def architecture_shard_reading(results: Path) -> list[str]:
+    runs = free_shard_runs(results)
+    ours, theirs = ([doc["read"]["samples_per_second"][reader]["median"] for _, _, doc in runs]
+                    for reader in ("ours", "webdataset"))
+    gap = max(abs(1 - doc["read"]["ours_over_webdataset"]["median"]) for _, _, doc in runs)
+    scan = [doc["read"]["header_scan_over_webdataset"]["median"] for _, _, doc in runs]
+    return [f"Speed does not decide between the two readers: they read the same shards at {span(ours, '.0f')} vs "
+            f"{span(theirs, '.0f')} samples/s (within {100 * gap:.1f}% of each other), and the header-only index "
+            f"scan is {span(scan, '.1f')}x as fast as reading a shard with "
+            f"webdataset ({free_runs_text(runs)}; {SHARDS_LINK})."]
+
+
+# --- docs/cluster.md -------------------------------------------------------------------------------
+
+ESTIMATE = "estimate-imagenet.json"
+
+
+@region("cluster-decode-cores")
+def cluster_decode_cores(results: Path) -> list[str]:
+    cache, estimate = load(results, CACHE_RUNS[-1]), load(results, ESTIMATE)
+    decode = cache["decode_per_core"]
+    return [f"- **Decode cores.** A worker is fed when its decode cores keep up with its forward: one core decodes "
+            f"and renders {med_range(decode, '.0f')} ImageNet-shaped images/s with {cache['views']} views of 224 px "
+            f"(median (range) of {len(decode['rounds'])} rounds, `{CACHE_RUNS[-1]}`, from "
+            f"{produced_by(CACHE_RUNS[-1])}). A worker whose teachers together forward F views/s needs F / V images/s "
+            f"decoded with V views each, which takes at most (F / V) x (V / 2) / {decode['median']:.0f} = "
+            f"F / {2 * decode['median']:.0f} cores by median (rendering grows with V, decoding does not). The worked "
+            f"estimate below gives at most {estimate['decode_cores_per_gpu_ceiling']:.2f} cores per GPU for two "
+            f"base-size teachers at {estimate['views']} views; small teachers (thousands of views/s more) need "
+            "several."]
+
+
+@region("cluster-loader")
+def cluster_loader(results: Path) -> list[str]:
+    doc = load(results, "loader-cpu.json")
+    runs = doc["runs"]
+
+    def rate(mode: str) -> str:
+        return med_span([r["examples_per_s"] for r in runs[mode]], ".0f")
+
+    return [f"- **Loader processes.** One student loader process renders {rate('stream')} examples/s at "
+            f"{doc['img_size']} px with teacher targets joined, {rate('stream_x2')} with two crops per decoded image "
+            f"(median (range) of {doc['rounds']} rounds, second epoch; `loader-cpu.json`, from "
+            f"{produced_by('loader-cpu.json')}), so a GPU training a small student at several thousand images/s needs "
+            "several loader processes and the CPUs for them."]
+
+
+def estimate_of(results: Path) -> dict:
+    """estimate-imagenet.json, checked against the results it was computed from."""
+    estimate = load(results, ESTIMATE)
+    measured = sorted(b["total"] for b in load(results, "store-compression.json")["budget"].values())
+    decode = load(results, CACHE_RUNS[-1])["decode_per_core"]["median"]
+    floor = estimate["decode_images_per_second_per_core_floor"] * max(estimate["views"], 2) / 2
+    if sorted(estimate["store_bytes"]["topk_bytes_per_view_measured_10_classes"]) != measured \
+            or not math.isclose(floor, decode):
+        raise TablesError(f"{ESTIMATE} is older than store-compression.json or {CACHE_RUNS[-1]}: "
+                          "rerun python benchmarks/estimate_imagenet.py")
+    return estimate
+
+
+def source_link(source: str) -> str:
+    """timm's 'results/X.csv (OWNER/REPO@COMMIT), ...' with a link to that file at that commit."""
+    match = re.fullmatch(r"timm (results/\S+) \(([\w.-]+/[\w.-]+)@(\w+)\)(.*)", source)
+    if not match:
+        return source
+    path, repo, commit, rest = match.groups()
+    return f"timm's [`{path}`](https://github.com/{repo}/blob/{commit}/{path}){rest}"
+
+
+@region("cluster-estimate-table")
+def cluster_estimate_table(results: Path) -> list[str]:
+    doc = estimate_of(results)
+    store, teachers, views = doc["store_bytes"], doc["teachers"], doc["views"]
+    compression = load(results, "store-compression.json")
+    gb = 1e9
+    features = ", ".join(f"{store['features'][n] / gb:.2f} GB ({n}, D = {t['feature_dim']})"
+                         for n, t in teachers.items())
+    decode = doc["decode_images_per_second_per_core_floor"] * max(views, 2) / 2
+    rows = [["images x views", f"{doc['images']:,} x {views} = {doc['images'] * views / 1e6:.1f} M view rows",
+             "ImageNet-1k train"],
+            [f"top-{doc['topk']} + leftover, per teacher",
+             f"{store['topk_per_teacher_low'] / gb:.2f}-{store['topk_per_teacher_high'] / gb:.2f} GB",
+             f"{min(store['topk_bytes_per_view_measured_10_classes']):.1f} B/view measured with 10-class teachers "
+             f"(`store-compression.json`) to {store['topk_bytes_per_view_raw']} B/view uncompressed"],
+            [f"features on {doc['feature_views']} views", features,
+             "2 x D bytes per view, uncompressed: fp16 features compressed to "
+             f"{span([100 * f for f in feature_fractions(compression)], '.0f')}% of that in `store-compression.json`"],
+            ["views table (boxes + flips)", f"{store['views_table'] / gb:.2f} GB before compression",
+             f"{store['views_table'] / (doc['images'] * views):g} bytes per view"]]
+    rows += [[f"GPU-hours, {n}", f"{doc['gpu_hours'][n]:.2f}", f"{t['images_per_second']:.0f} images/s (cited, below)"]
+             for n, t in teachers.items()]
+    rows.append(["decode cores per GPU", f"at most {doc['decode_cores_per_gpu_ceiling']:.2f}",
+                 f"{decode:.0f} images/s per core for decode + 2 views (median, `{CACHE_RUNS[-1]}`), at least 2/V of "
+                 "that for V views"])
+    return table(["quantity", "value", "from"], rows)
+
+
+@region("cluster-estimate-notes")
+def cluster_estimate_notes(results: Path) -> list[str]:
+    doc = estimate_of(results)
+    store, hours = doc["store_bytes"], sum(doc["gpu_hours"].values())
+    total = 2 * store["topk_per_teacher_high"] + sum(store["features"].values()) + store["views_table"]
+    return [f"GPU rates are cited, not measured here: {source_link(doc['teacher_rate_source'])}, 224 px (the rows "
+            f"{' and '.join(f'`{n}`' for n in doc['teachers'])}); an H100 is faster, so these hours are an upper "
+            f"estimate for it. So the whole store, features included, is at most about {total / 1e9:.0f} GB before "
+            f"compression, and {hours:.1f} GPU-hours make it: about {60 * hours / 32:.0f} minutes on a 32-GPU "
+            f"cluster, once, for every student trained from it. Decoding is not the limit with base-size teachers at "
+            f"{doc['views']} views; with small teachers (resnet50 class) or fewer views a GPU needs several decode "
+            "cores."]
+
+
+# --- docs/store-format.md --------------------------------------------------------------------------
+
+PRECISION = "store-precision.json"
+
+
+@region("store-format-precision-table")
+def store_format_precision_table(results: Path) -> list[str]:
+    rows = []
+    for s in load(results, PRECISION)["settings"]:
+        f1, t1, t4 = s["format1_T1"], s["format2_T1"], s["format2_T4"]
+        rows.append([str(s["classes"]), str(s["k"]), f"{s['top']:g}", f"{f1['true_leftover_median']:.1e}",
+                     f"{f1['leftover_rel_error_median']:.2g} / {f1['leftover_rel_error_max']:.2g}",
+                     f"{100 * f1['clamped_fraction']:.0f}%", f"{f1['kl_max']:.1e}",
+                     f"{t1['leftover_rel_error_median']:.1e} / {t1['leftover_rel_error_max']:.1e}",
+                     f"{t1['kl_max']:.1e}", f"{t4['leftover_rel_error_max']:.1e}", f"{t4['kl_max']:.1e}"])
+    return table(["C", "k", "top logit", "leftover (median, T=1)", "format 1, T=1: leftover error", "L = 0", "max KL",
+                  "format 2, T=1: leftover error", "max KL", "format 2, T=4: max leftover error", "max KL"], rows)
+
+
+@region("store-format-precision-notes")
+def store_format_precision_notes(results: Path) -> list[str]:
+    doc = load(results, PRECISION)
+    settings, targets = doc["settings"], doc["targets"]
+
+    def worst(fmt: str, key: str, among: Sequence[dict] = settings) -> float:
+        return max(s[fmt][key] for s in among)
+
+    errors = [s[f]["leftover_rel_error_max"] for s in settings for f in ("format2_T1", "format2_T4")]
+    kls = [s[f]["kl_max"] for s in settings for f in ("format2_T1", "format2_T4")]
+    resolved = min(s[f]["fp32_resolves_fraction"] for s in settings for f in ("format1_T1", "format2_T1"))
+    bad, hit = [], []
+    for classes in sorted({s["classes"] for s in settings}):
+        mine = sorted((s for s in settings if s["classes"] == classes), key=lambda s: s["top"])
+        tops = [s["top"] for s in mine]
+        first = next((top for top in tops if all(s["format1_T1"]["leftover_rel_error_median"] >= 1
+                                                 for s in mine if s["top"] >= top)), None)
+        if first is not None:
+            bad.append(f"{first:g} over {classes} classes")
+            hit += [s for s in mine if s["top"] >= first]
+    lines = [f"Format 2: leftover error at most {targets['leftover_rel_error']:g} relative in every setting: "
+             f"{verdict(errors, '<=', targets['leftover_rel_error'])}; KL at most {sci(targets['kl_nats'])} nats: "
+             f"{verdict(kls, '<=', targets['kl_nats'])}. The worst leftover error is "
+             f"{sci(worst('format2_T1', 'leftover_rel_error_max'))} and the worst KL "
+             f"{sci(worst('format2_T1', 'kl_max'))} nats at T = 1 ({sci(worst('format2_T4', 'leftover_rel_error_max'))}"
+             f" and {sci(worst('format2_T4', 'kl_max'))} at T = 4). "
+             + (f"Every leftover here is within fp32's range (`fp32_resolves_fraction` {resolved:g} in every setting; "
+                if resolved == 1 else f"Down to {100 * resolved:.0f}% of the leftovers are within fp32's range (")
+             + f"the medians go down to {min(s['format1_T1']['true_leftover_median'] for s in settings):.0e}), "
+             "and a log in fp32 resolves masses far below it."]
+    if bad:
+        clamped = [100 * s["format1_T1"]["clamped_fraction"] for s in hit]
+        lines[0] += (f" Format 1's median leftover error is 100% or more once the top logit reaches {bad[0]}"
+                     + "".join(f" ({b})" for b in bad[1:])
+                     + f": the leftover is clamped to zero on {span(clamped, '.0f')}% of those views and is off by "
+                     f"up to {worst('format1_T1', 'leftover_rel_error_max', hit):.2g} times its true value on others; "
+                     f"its KL reaches {worst('format1_T1', 'kl_max'):.2f} nats.")
+    return lines
+
+
+@region("store-format-compression")
+def store_format_compression(results: Path) -> list[str]:
+    doc = load(results, "store-compression.json")
+    best_text, feature_gap = byte_shuffle_standing(doc)
+    budget = [b["total"] for b in doc["budget"].values()]
+    return [f"On the outputs of two small trained teachers (10 classes, `store-compression.json`, from "
+            f"{produced_by('store-compression.json')}) byte shuffle was {best_text} and within "
+            f"{100 * feature_gap:.1f}% of the best for the features. Top-{doc['topk']} + one temperature cost "
+            f"{span(budget, '.1f')} bytes per view per teacher (raw {4 * doc['topk'] + 4}); fp16 features compressed "
+            f"to {span([100 * f for f in feature_fractions(doc)], '.0f')}% of their raw 2 x D bytes, so budget up to "
+            "2 x D bytes per view for them "
+            "([benchmarks](benchmarks.md#store-compression-benchmarksbench_store_compressionpy))."]
+
+
+# --- docs/training.md ------------------------------------------------------------------------------
+
+@region("training-channels-last")
+def training_channels_last(results: Path) -> list[str]:
+    doc = load(results, "train-cpu.json")
+    return [f"channels_last made {doc['model']}'s training step "
+            f"{train_ratio(doc, 'speedup_channels_last', '.2f')}x as fast as NCHW at {doc['img_size']} px, batch "
+            f"{doc['batch_size']}, on a {doc['cpus']}-core CPU (`train-cpu.json`, from "
+            f"{produced_by('train-cpu.json')}; "
+            "[benchmarks](benchmarks.md#student-training-throughput-benchmarksbench_trainpy))."]
+
+
+# --- docs/regla.md ---------------------------------------------------------------------------------
+
+@region("regla-sizes")
+def regla_sizes(results: Path) -> list[str]:
+    doc = load(results, SWEEP)
+    sizes = {s["model"]: s for s in doc["sizes"]}
+    rows = []
+    for name in (s["model"] for s in doc["sizes"] if s["model"].startswith("regla_")):
+        ours, theirs = sizes[name], sizes.get(name.replace("regla_", "iformer_"))
+        row = [f"`{name}`", f"{ours['params_m']:.3f}", f"{ours['gmacs_224']:.3f}"]
+        row += ([f"{theirs['params_m']:.3f} / {theirs['gmacs_224']:.3f}",
+                 f"{ours['params_m'] / theirs['params_m']:.3f} / {ours['gmacs_224'] / theirs['gmacs_224']:.3f}"]
+                if theirs else ["-", "-"])
+        rows.append(row)
+    return [f"Counted at 224 px, batch 1, by torch's `FlopCounterMode` (MACs = FLOPs / 2; the counter of "
+            f"`pipeline models`) beside timm {doc['environment']['timm']}'s `iformer_*` counted the same way "
+            f"(`sizes` in `{SWEEP}`, from {produced_by(SWEEP)}):", ""] + table(
+        ["variant", "params (M)", "MACs (G)", "iFormer params / MACs", "ratio params / MACs"], rows)
+
+
 # --- the page ----------------------------------------------------------------------------------------
 
 def split_regions(text: str, doc: Path) -> list[tuple[str | None, list[str]]]:
@@ -854,11 +1122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="exit 1 if a page is stale; write nothing")
     parser.add_argument("--doc", type=Path, action="append",
-                        help="a page to render (repeatable; default docs/benchmarks.md and README.md)")
+                        help="a page to render (repeatable; default every page with generated regions, PAGES)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     status = 0
-    for doc in args.doc or [DOC, README]:
+    for doc in args.doc or PAGES:
         try:
             text, stale = render(doc, args.results)
         except TablesError as e:

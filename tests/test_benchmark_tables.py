@@ -1,7 +1,8 @@
-"""docs/benchmarks.md is rendered from benchmarks/results/*.json by benchmarks/tables.py.
+"""The docs' measured numbers are rendered from benchmarks/results/*.json by benchmarks/tables.py.
 
-The committed page must match the committed results; a changed result changes its own region and
-nothing else; a target counts as met only when its whole measured spread clears it.
+Every committed page with generated regions must match the committed results; a changed result
+changes its own region and nothing else; a target counts as met only when its whole measured
+spread clears it.
 """
 import importlib.util
 import json
@@ -31,6 +32,12 @@ def copies(tmp_path):
 
 def test_committed_page_matches_the_results(capsys):
     assert tables.main(["--check"]) == 0, capsys.readouterr().out
+
+
+def test_every_page_with_generated_regions_is_checked_by_default():
+    pages = [tables.README, *sorted(tables.DOCS.glob("*.md"))]
+    with_regions = {page for page in pages if tables.OPEN.search(page.read_text())}
+    assert with_regions <= set(tables.PAGES), sorted(str(p) for p in with_regions - set(tables.PAGES))
 
 
 def test_a_changed_result_changes_exactly_its_region(copies):
