@@ -48,6 +48,11 @@ def difference(a: list[dict], b: list[dict]) -> tuple[float, float]:
     return ma - mb, math.sqrt(sa ** 2 / na + sb ** 2 / nb)
 
 
+def signed(delta: float) -> str:
+    """+1.23 / -1.23, and +0.00 for a difference that rounds to zero (never -0.00)."""
+    return f"{delta if round(delta, 2) else 0.0:+.2f}"
+
+
 def verdict(delta: float, error: float) -> str:
     if math.isnan(error):
         return "one seed: no spread"
@@ -58,7 +63,7 @@ def comparison(runs: dict[str, list[dict]], name: str, reference: str) -> str:
     if reference not in runs or name == reference:
         return "-"
     delta, error = difference(runs[name], runs[reference])
-    return f"{delta:+.2f} ± {2 * error:.2f}: {verdict(delta, error)}"
+    return f"{signed(delta)} ± {2 * error:.2f}: {verdict(delta, error)}"
 
 
 def arm_table(dataset: str, runs: dict[str, list[dict]]) -> list[str]:
@@ -101,7 +106,7 @@ def cached_vs_online(runs: dict[str, list[dict]]) -> list[str]:
     if "online-2t" not in runs or "kd-2t-kall" not in runs:
         return []
     delta, error = difference(runs["kd-2t-kall"], runs["online-2t"])
-    return [f"Cached minus online, same teachers, same views, all classes: **{delta:+.2f} ± {2 * error:.2f}** "
+    return [f"Cached minus online, same teachers, same views, all classes: **{signed(delta)} ± {2 * error:.2f}** "
             f"points of top-1 ({verdict(delta, error)})."]
 
 

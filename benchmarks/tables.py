@@ -826,11 +826,11 @@ def readme_headlines(results: Path) -> list[str]:
         parts = []
         if "kd-2t" in runs and "labels" in runs:
             delta, error = quality_report.difference(runs["kd-2t"], runs["labels"])
-            parts.append(f"KD from two cached teachers vs labels only: {delta:+.2f} ± {2 * error:.2f} points of "
+            parts.append(f"KD from two cached teachers vs labels only: {quality_report.signed(delta)} ± {2 * error:.2f} points of "
                          f"val top-1 ({quality_report.verdict(delta, error)}, {len(runs['kd-2t'])} seeds)")
         if "kd-2t-kall" in runs and "online-2t" in runs:
             delta, error = quality_report.difference(runs["kd-2t-kall"], runs["online-2t"])
-            parts.append(f"cached vs the same teachers run live: {delta:+.2f} ± {2 * error:.2f} "
+            parts.append(f"cached vs the same teachers run live: {quality_report.signed(delta)} ± {2 * error:.2f} "
                          f"({quality_report.verdict(delta, error)})")
         if parts:
             lines.append(f"- **{name}**: " + "; ".join(parts) + " ([tables](docs/quality.md)).")
