@@ -13,19 +13,21 @@ study on both datasets, its report (docs/quality.md) and benchmarks/tables.py. R
 otherwise idle machine: every benchmark compares timings taken on the same cores.
 
 Quick mode runs each benchmark in its smoke mode, writing under benchmarks/results/quick/ so that
-a smoke run never overwrites a recorded result. Estimated cost of each step on 2 CPU cores (scaled
-from the full runs' durations, not timed), about 9 minutes in all:
+a smoke run never overwrites a recorded result. Seconds per step, measured on a 2-core AMD EPYC
+VM (family 23) with ``--quick`` (benchmarks/results/quick/run-all.json): 15.9 min in all, of which
+the models step took 274 s before its quick run was cut to the target pair (179 s after); the
+quick mode is not yet under 10 minutes on 2 cores.
 
-    models             bench_models.py --quick (4 models, 224/512 px, batch 1)     ~1 min
-    make-shards        bench_make_shards.py --images 200 --rounds 1               ~0.5 min
-    cache              bench_cache.py --quick (600 images, 1 round)               ~1.5 min
-    store-compression  bench_store_compression.py --epochs 1 --views 2            ~1 min
-    store-precision    bench_store_precision.py --views 100                       ~0.5 min
-    loader             bench_loader.py --quick --train-steps 2                    ~1 min
-    driver             bench_driver.py (has no smaller size)                      ~1 min
-    train              bench_train.py --quick (1 round of 4 steps)                ~1 min
-    estimate-imagenet  estimate_imagenet.py (arithmetic on the recorded results)  seconds
-    quality-mnist      quality_study.py --quick, 2 arms, 1 seed                   ~2 min
+    models             bench_models.py --quick, regla_m and iformer_m only           179 s
+    make-shards        bench_make_shards.py --images 200 --rounds 1                  43 s
+    cache              bench_cache.py --quick (600 images, 1 round)                  123 s
+    store-compression  bench_store_compression.py --epochs 1 --views 2               74 s
+    store-precision    bench_store_precision.py --views 100                          10 s
+    loader             bench_loader.py --quick --train-steps 2                       97 s
+    driver             bench_driver.py (has no smaller size)                         85 s
+    train              bench_train.py --quick (1 round of 4 steps)                   66 s
+    estimate-imagenet  estimate_imagenet.py (arithmetic on the recorded results)     0 s
+    quality-mnist      quality_study.py --quick, 2 arms, 1 seed                      184 s
 
 Left out of --quick: the two extra bench_models runs (one forward at batch 32 and 1024 px takes
 over a minute per model), bench_quickstart.py (3-6 min, no smaller size), the patches quality
@@ -77,7 +79,8 @@ class Step:
 STEPS: tuple[Step, ...] = (
     Step("models", "models", "benchmarks/bench_models.py",
          ("--max-time", "15", "--out", f"{RESULTS}/bench_models-cpu.json"),
-         ("--quick", "--out", f"{QUICK}/bench_models-cpu.json"), note="the full sweep"),
+         ("--quick", "--models", "regla_m,iformer_m", "--min-time", "0.3", "--max-time", "3",
+          "--out", f"{QUICK}/bench_models-cpu.json"), note="the full sweep"),
     Step("models-b32-1024", "models", "benchmarks/bench_models.py",
          ("--models", "regla_m,iformer_m", "--img-sizes", "1024", "--batch-sizes", "32", "--rounds", "1",
           "--min-reps", "1", "--max-pixels-per-batch", "0", "--out", f"{RESULTS}/bench_models-cpu-b32-1024.json"),
