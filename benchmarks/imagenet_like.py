@@ -21,6 +21,8 @@ import os
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from pipeline.data import storage
+
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
           "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg")
 SKIMAGE_INSTALL = "pip install --no-deps scikit-image==0.26.0"
@@ -65,6 +67,11 @@ def jpeg_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def save_jpeg(path: str, image: Image.Image) -> None:
+    """``image`` as a JPEG file, written whole (its folder made as needed)."""
+    storage.write_bytes(path, jpeg_bytes(image))
+
+
 def make_imagenet_like_folder(out: str, num_images: int, num_classes: int = 10, seed: int = 0) -> str:
     """An ImageNet-layout folder (``out/nXXXXXXXX/img_NNNNNN.JPEG``) of ``num_images`` JPEGs; returns ``out``.
 
@@ -78,10 +85,7 @@ def make_imagenet_like_folder(out: str, num_images: int, num_classes: int = 10, 
         class_dir = os.path.join(out, f"n{i % num_classes:08d}")
         path = os.path.join(class_dir, f"img_{i:06d}.JPEG")
         if not os.path.exists(path):
-            os.makedirs(class_dir, exist_ok=True)
-            with open(path + ".partial", "wb") as f:
-                f.write(jpeg_bytes(image))
-            os.replace(path + ".partial", path)
+            save_jpeg(path, image)
     return out
 
 

@@ -23,7 +23,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from imagenet_like import jpeg_bytes, skimage_data_folder
+from imagenet_like import save_jpeg, skimage_data_folder
 
 CLASSES = ("brick.png", "grass.png", "gravel.png", "camera.png", "cell.png", "moon.png", "astronaut.png",
            "coffee.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png", "retina.jpg")
@@ -48,10 +48,8 @@ def make_patch_folders(out: str, train_per_class: int = 200, val_per_class: int 
             photo = Image.open(os.path.join(folder, name)).convert("RGB")
             rng = np.random.default_rng([seed, index, split == "val"])
             class_dir = os.path.join(out, split, os.path.splitext(name)[0])
-            os.makedirs(class_dir, exist_ok=True)
             for i in range(count):
-                with open(os.path.join(class_dir, f"{i:05d}.jpg"), "wb") as f:
-                    f.write(jpeg_bytes(cut_patch(photo, split, rng)))
+                save_jpeg(os.path.join(class_dir, f"{i:05d}.jpg"), cut_patch(photo, split, rng))
         folders.append(os.path.join(out, split))
     return folders
 

@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -39,7 +40,8 @@ from multiprocessing import get_context
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-RESULTS = os.path.join(HERE, "results", "quality")
+
+from pipeline.data import storage  # noqa: E402  (after the repository root is on the path)
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ def build_stores(variants: set[tuple[int, int | str]], weights: dict[str, str], 
             print(f"  store v{views} k{topk}: {summary.seconds:.0f} s", flush=True)
     if summaries:
         stores_json = os.path.join(out, "stores.json")
-        previous = json.load(open(stores_json)) if os.path.exists(stores_json) else {}
+        previous = json.loads(storage.read_text(stores_json)) if os.path.exists(stores_json) else {}
         save_json(stores_json, previous | summaries)
 
 
@@ -221,10 +223,7 @@ def student_options(arm: Arm, recipe: Recipe, manifests: tuple[str, str], weight
 
 
 def save_json(path: str, value: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".partial", "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(path + ".partial", path)
+    storage.write_text(path, json.dumps(value, indent=1))
 
 
 def machine() -> dict:
@@ -259,8 +258,6 @@ def run_study(dataset: str, arms: list[str], seeds: list[int], work: str, out: s
             for arm, seed in sorted(todo)}
     for run_dir in (values["out"] for values in jobs.values()):
         if os.path.exists(run_dir):  # a run interrupted before its result was saved starts again
-            import shutil
-
             shutil.rmtree(run_dir)
 
     def save(key: tuple[str, int], result: dict) -> None:

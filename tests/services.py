@@ -135,6 +135,17 @@ class RayCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def finish_ok(process: subprocess.Popen, timeout: float) -> str:
+    """The combined output of a CLI process that must exit 0 within ``timeout`` s; its process tree is
+    killed afterwards either way (nothing it started outlives the test)."""
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        kill_process_tree(process.pid)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
 def _ray_start(args: list[str], env: dict[str, str]) -> None:
     result = subprocess.run([str(BIN / "ray"), "start", "--disable-usage-stats", *args], env=env,
                             capture_output=True, text=True, timeout=120)

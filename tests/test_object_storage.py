@@ -26,7 +26,7 @@ from pipeline.data import storage
 from pipeline.train.checkpoint import (checkpoint_path, committed_steps, load_latest_checkpoint, marker_path,
                                        save_checkpoint)
 from pipeline.train.metrics import MetricsLog, read_metrics
-from services import kill_process_tree, service_env
+from services import finish_ok, kill_process_tree, service_env
 from teachers import load_teacher, parse_teacher_spec
 
 
@@ -208,17 +208,8 @@ def _cli(args, env) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(process: subprocess.Popen, timeout: float = 300) -> str:
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    finally:
-        kill_process_tree(process.pid)
-    assert process.returncode == 0, output[-4000:]
-    return output
-
-
 def _run(args, env, timeout=300) -> str:
-    return _finish(_cli(args, env), timeout)
+    return finish_ok(_cli(args, env), timeout)
 
 
 def _s3fs(server):
@@ -267,7 +258,7 @@ def test_pipeline_on_s3_end_to_end_and_a_killed_run_resumes_from_s3(s3, s3_serve
     finally:
         kill_process_tree(killed.pid)
     printed.append(killed.communicate()[0])
-    printed.append(_finish(uninterrupted))
+    printed.append(finish_ok(uninterrupted, 300))
     assert "val top-1" in printed[-1] and "(48 samples)" in printed[-1]
 
     # Plain zarr reads the store back; the export is on S3.

@@ -2,6 +2,7 @@
 from the JSON, and the committed page is the one the committed runs give."""
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -79,8 +80,6 @@ def test_committed_page_is_the_one_the_committed_runs_give(report):
 
 
 def test_check_mode_reports_a_stale_page(tmp_path, results):
-    import subprocess
-
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "quality.md").write_text("typed by hand\n")

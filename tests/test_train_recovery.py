@@ -15,7 +15,7 @@ import torch
 
 from jobs.nodes import NodeResources
 from jobs.worker_resources import PlacementError, WorkerResources, plan_worker_resources
-from services import kill_process_tree, service_env, start_ray_cluster
+from services import finish_ok, kill_process_tree, service_env, start_ray_cluster
 from pipeline.data.make_shards import make_mnist_sample
 from test_train_student import _cli, _config, _config_file, _start_cli, _weights, wait_for_checkpoint
 
@@ -101,16 +101,6 @@ def _wait_until(check, timeout: float, what: str):
     raise TimeoutError(f"{what} after {timeout:.0f} s")
 
 
-def _finish(process: subprocess.Popen, timeout: float = 400) -> str:
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_process_tree(process.pid)
-        raise
-    assert process.returncode == 0, output
-    return output
-
-
 # Both recovery runs: two DDP workers of one CPU, a checkpoint every 2 steps.
 RECOVERY = dict(no_distill=True, store=None, epochs=3, num_workers=2, cpus_per_worker=1, checkpoint_every=2,
                 log_every=2, progress=True)
@@ -142,7 +132,7 @@ def test_killed_worker_is_restored_by_ray_train(data, tmp_path, ray_cluster, uni
         assert len({w.node_id for w in workers}) == 2  # one worker on each node
         wait_for_checkpoint(run.run_dir, process)
         psutil.Process(workers[1].pid).kill()
-        output = _finish(process)
+        output = finish_ok(process, 400)
     finally:
         kill_process_tree(process.pid)
     assert "workers restarted; continuing from step" in output
@@ -185,7 +175,7 @@ def test_lost_node_training_finishes_on_the_head(data, tmp_path, uninterrupted):
             wait_for_checkpoint(run.run_dir, process)
             cluster.nodes[1].stop()
             psutil.Process(blocker_pid).kill()
-            output = _finish(process)
+            output = finish_ok(process, 400)
         finally:
             kill_process_tree(process.pid)
         assert "workers restarted; continuing from step" in output
