@@ -28,7 +28,7 @@ def _save_runs(root, run: str, top1s: list[float]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         evals = [{"epoch": 1, "top1": top1 - 10}, {"epoch": 2, "top1": top1}]
         path.write_text(json.dumps({"dataset": "mnist", "run": run, "seed": seed, "recipe": RECIPE,
-                                    "final": {"top1": top1, "ema_top1": top1 - 1}, "evals": evals,
+                                    "final": {"top1": top1, "ema_top1": top1 - 1}, "evals": evals, "seconds": 60.0,
                                     "machine": {"cpu": "test cpu", "cpus": 2}}))
 
 
@@ -41,7 +41,7 @@ def results(tmp_path):
     _save_runs(root, "online-2t", [86.5, 86.0, 87.0])
     (root / "mnist" / "teacher-resnet10t.json").write_text(json.dumps(
         {"dataset": "mnist", "run": "teacher-resnet10t", "model": "resnet10t", "recipe": RECIPE,
-         "final": {"top1": 93.9}}))
+         "final": {"top1": 93.9}, "seconds": 180.0}))
     (root / "mnist" / "stores.json").write_text(json.dumps({"v4-k5": {"seconds": 1.0}}))
     return root
 
@@ -57,6 +57,8 @@ def test_tables_are_computed_from_the_runs(report, results):
     assert "(within noise)" in page
     assert "Against labels only: better: `kd-2t`, `kd-2t-kall`, `online-2t`." in page
     assert "`resnet10t`: 93.90% val top-1 (2 epochs on labels, seed 0)" in page
+    assert "Run time: 3 min for the teachers and 12 min for the 12 student runs" in page
+    assert "Labels only gained +10.00 points of top-1 in its last epoch, mean over seeds (the students" in page
 
 
 def test_a_difference_inside_twice_its_standard_error_is_within_noise(report):
