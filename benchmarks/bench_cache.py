@@ -24,7 +24,7 @@ just before and after it; medians and the spread over rounds are reported.
 
     pip install --no-deps scikit-image==0.26.0                      # the photos
     python benchmarks/bench_cache.py                                # ~15 min on 2 CPU cores
-    python benchmarks/bench_cache.py --quick                        # 600 images, 1 round
+    python benchmarks/bench_cache.py --quick                        # 300 images, 1 round
     python benchmarks/bench_cache.py --teacher vit_base_patch16_224,dtype=bf16,batch_size=256 \\
         --device cuda --decode-workers 4,8,16                       # on a GPU (written, not run)
 """
@@ -98,8 +98,8 @@ def _decode_rate(samples, policy: ViewPolicy, pre, path) -> float:
     return len(samples) / (time.perf_counter() - start)
 
 
-def decode_per_core(samples, policy: ViewPolicy, pre, path) -> float:
-    """Images/s of one thread decoding and rendering every view at the teacher's size.
+def decode_per_core(samples, policy: ViewPolicy, pre, paths) -> list[float]:
+    """Images/s of one thread decoding and rendering every view at the teacher's size, per path.
 
     Measured in a child process: lowering torch's thread count here and raising it again slows
     this process's later multi-threaded forward passes (seen: 44 -> 25 images/s).
@@ -107,7 +107,7 @@ def decode_per_core(samples, policy: ViewPolicy, pre, path) -> float:
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_decode_rate, (samples, policy, pre, path))
+        return [pool.apply(_decode_rate, (samples, policy, pre, path)) for path in paths]
 
 
 def render_all(samples, teachers, policy: ViewPolicy, device: torch.device) -> dict[str, list[torch.Tensor]]:
@@ -161,11 +161,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workdir", help="reuse the images and shards built here by an earlier run")
-    parser.add_argument("--quick", action="store_true", help="600 images, 1 round")
+    parser.add_argument("--quick", action="store_true", help="300 images in 2 shards, 1 round")
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.images = 1, 600
+        args.rounds, args.images, args.samples_per_shard = 1, 300, 150
     torch.set_num_threads(args.threads)
     specs = [parse_teacher_spec(s) for s in (args.teacher or ["test_convnext,img_size=224,batch_size=64"])]
     policy = ViewPolicy(num_views=args.views)
@@ -190,10 +190,9 @@ def main() -> None:
     for n in decode_workers:
         times[f"cache_n{n}"], times[f"cache_n{n}_steady"] = [], []
     for round_index in range(args.rounds):
-        times["decode_per_core"].append(decode_per_core(decode_sample_set, policy, teachers[0].preprocessing,
-                                                        _project_path))
-        times["decode_per_core_pil"].append(decode_per_core(decode_sample_set, policy, teachers[0].preprocessing,
-                                                            _pil_path))
+        project, pil = decode_per_core(decode_sample_set, policy, teachers[0].preprocessing, (_project_path, _pil_path))
+        times["decode_per_core"].append(project)
+        times["decode_per_core_pil"].append(pil)
         # The forward pass alone before and after each cache run: each run is compared with the mean of
         # its two neighbours, since this machine's speed drifts by 10% or more over minutes.
         around = [run_forward_only(teachers, crops)]

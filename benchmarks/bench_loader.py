@@ -17,7 +17,7 @@ loader sharing its cores) as the trainer measures it (time waiting for a batch /
 
     pip install --no-deps scikit-image==0.26.0      # the photos
     python benchmarks/bench_loader.py                # ~15 min on 2 CPU cores
-    python benchmarks/bench_loader.py --quick        # 2 shards of 500, 1 round
+    python benchmarks/bench_loader.py --quick        # 2 shards of 250, 1 round
 """
 
 from __future__ import annotations
@@ -239,11 +239,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=8)
     parser.add_argument("--workdir", help="reuse data built here by an earlier run")
-    parser.add_argument("--quick", action="store_true", help="1000 images in shards of 500, 1 round")
+    parser.add_argument("--quick", action="store_true", help="500 images in 2 shards, 1 round")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.quick:
-        args.images, args.samples_per_shard, args.rounds, args.train_steps = 1000, 500, 1, 3
+        args.images, args.samples_per_shard, args.rounds, args.train_steps = 500, 250, 1, 3
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_loader_")
     started = time.perf_counter()
     manifest, store = build_data(workdir, args.images, args.samples_per_shard, args.views)

@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=10)
     parser.add_argument("--leftover-topk", type=int, default=5, help="k of the second store (k < classes)")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--shards", type=int, default=None, help="use the first N shards of 500 samples (default: all 8)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "store-compression.json"))
     args = parser.parse_args()
 
@@ -135,7 +136,7 @@ def main() -> None:
 
     workdir = tempfile.mkdtemp(prefix="bench_compression_")
     make_mnist_sample(os.path.join(workdir, "shards"), samples_per_shard=500, progress=False)
-    urls = expand_shard_urls(os.path.join(workdir, "shards", "train.json"))
+    urls = expand_shard_urls(os.path.join(workdir, "shards", "train.json"))[:args.shards]
     images, labels, keys = load_images(urls)
     specs = []
     for seed, name in enumerate(("test_resnet", "test_convnext")):

@@ -43,6 +43,8 @@ from pipeline.train.train_config import TrainConfig  # noqa: E402
 from pipeline.train.trainer import WorkerRun  # noqa: E402
 from teachers import load_teacher, parse_teacher_spec  # noqa: E402
 
+from bench_quickstart import cpu_model  # noqa: E402  (this folder is the script's first sys.path entry)
+
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 TEACHERS = ("resnet10t,img_size=32,num_classes=10", "convnext_atto,img_size=32,num_classes=10")
 # Ratios of images/s saved per round as well (name: (numerator mode, denominator mode)).
@@ -160,7 +162,7 @@ def main() -> None:
         "rounds": {"images_per_second": round_ips,
                    **{name: [a / b for a, b in zip(round_ips[num], round_ips[den])]
                       for name, (num, den) in RATIOS.items()}},
-        "torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.machine(),
+        "torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.machine(), "cpu": cpu_model(),
         "cpus": os.cpu_count(),
     }
     print(json.dumps(result, indent=2))

@@ -18,8 +18,8 @@ bit-identically from their seeds if the work folder is gone; a teacher whose acc
 from its saved result stops the study). ``benchmarks/quality_report.py`` turns the JSON into
 docs/quality.md and its plots.
 
-    python benchmarks/quality_study.py --dataset mnist          # ~45 min on 2 cores
-    python benchmarks/quality_study.py --dataset patches
+    python benchmarks/quality_study.py --dataset mnist          # about an hour each on 2 cores
+    python benchmarks/quality_study.py --dataset patches        # (docs/quality.md: each one's run time)
     python benchmarks/quality_study.py --dataset mnist --arms labels,kd-2t --seeds 0 --quick
 """
 
@@ -64,6 +64,7 @@ DATASETS = {
     "patches": Recipe(img_size=32, batch_size=64, student_epochs=5, teacher_epochs=6),
 }
 TEACHERS = ("resnet10t", "convnext_atto")
+QUICK_SHARDS = 4  # --quick trains and evaluates on this many shards of each split
 MAIN_STORE = (4, 5)  # (views, top-k) of the store most arms read
 
 
@@ -110,6 +111,18 @@ def make_shards(dataset: str, work: str) -> tuple[str, str]:
         subprocess.run([*cli, "--from-folder", train, "--split-name", "train"], check=True)
         subprocess.run([*cli, "--from-folder", val, "--split-name", "val"], check=True)
     return manifests
+
+
+def first_shards(manifest: str, count: int) -> str:
+    """A manifest of the first ``count`` shards of ``manifest``, beside it (the quick run's subset)."""
+    from pipeline.data.shards import ShardInfo, read_manifest, write_manifest
+
+    full = read_manifest(manifest)
+    shards = [ShardInfo(url="", name=s["name"], num_samples=s["num_samples"], keys_sha256=s["keys_sha256"])
+              for s in full["shards"][:count]]
+    path = manifest.removesuffix(".json") + f"-first{count}.json"
+    write_manifest(path, full["split"], shards, full["class_names"])
+    return path
 
 
 def train_run(config_values: dict) -> dict:
@@ -234,11 +247,13 @@ def machine() -> dict:
 
 
 def run_study(dataset: str, arms: list[str], seeds: list[int], work: str, out: str, workers: int,
-              recipe: Recipe) -> None:
+              recipe: Recipe, max_shards: int | None = None) -> None:
     from pipeline.data.shards import index_dataset
 
     started = time.perf_counter()
     manifests = make_shards(dataset, work)
+    if max_shards:
+        manifests = tuple(first_shards(m, max_shards) for m in manifests)
     num_classes = len(index_dataset([manifests[0]]).class_names)
     same_as_all = [arm for arm in arms if isinstance(ARMS[arm].topk, int) and ARMS[arm].topk >= num_classes]
     if same_as_all:
@@ -279,7 +294,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="result folder (default: results/quality/DATASET)")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each")
     parser.add_argument("--quick", action="store_true",
-                        help="one epoch each (a smoke test of the study; results go to results/quality-quick/)")
+                        help=f"one epoch each on the first {QUICK_SHARDS} train and val shards (a smoke test of the "
+                             "study; results go to results/quality-quick/)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -293,7 +309,8 @@ def main() -> None:
     tag = "quality-quick" if args.quick else "quality"
     work = args.work or os.path.join("/tmp", f"regla-{tag}", args.dataset)
     out = args.out or os.path.join(HERE, "results", tag, args.dataset)
-    run_study(args.dataset, args.arms.split(","), seeds, work, out, args.workers, recipe)
+    run_study(args.dataset, args.arms.split(","), seeds, work, out, args.workers, recipe,
+              QUICK_SHARDS if args.quick else None)
 
 
 if __name__ == "__main__":

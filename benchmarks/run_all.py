@@ -13,31 +13,30 @@ study on both datasets, its report (docs/quality.md) and benchmarks/tables.py. R
 otherwise idle machine: every benchmark compares timings taken on the same cores.
 
 Quick mode runs each benchmark in its smoke mode, writing under benchmarks/results/quick/ so that
-a smoke run never overwrites a recorded result. Seconds per step, measured on a 2-core AMD EPYC
-VM (family 23) with ``--quick`` (benchmarks/results/quick/run-all.json): 15.9 min in all, of which
-the models step took 274 s before its quick run was cut to the target pair (179 s after); the
-quick mode is not yet under 10 minutes on 2 cores.
+a smoke run never overwrites a recorded result, and aims at 10 minutes on 2 cores (the last run's
+seconds per step: benchmarks/results/run-all-quick-mode.json, rendered in docs/benchmarks.md):
 
-    models             bench_models.py --quick, regla_m and iformer_m only           179 s
-    make-shards        bench_make_shards.py --images 200 --rounds 1                  43 s
-    cache              bench_cache.py --quick (600 images, 1 round)                  123 s
-    store-compression  bench_store_compression.py --epochs 1 --views 2               74 s
-    store-precision    bench_store_precision.py --views 100                          10 s
-    loader             bench_loader.py --quick --train-steps 2                       97 s
-    driver             bench_driver.py (has no smaller size)                         85 s
-    train              bench_train.py --quick (1 round of 4 steps)                   66 s
-    estimate-imagenet  estimate_imagenet.py (arithmetic on the recorded results)     0 s
-    quality-mnist      quality_study.py --quick, 2 arms, 1 seed                      184 s
+    models             bench_models.py --quick: regla_m and iformer_m, fp32, 224 and 512 px, batch 1
+    make-shards        bench_make_shards.py: 200 images, 1 round
+    cache              bench_cache.py --quick: 300 images in 2 shards, 1 round, 1 decode thread
+    store-compression  bench_store_compression.py: 1 teacher epoch, 2 views, 2 of the 8 shards
+    store-precision    bench_store_precision.py: 100 views
+    loader             bench_loader.py --quick: 500 images in 2 shards, 1 round, 2 training steps
+    driver             bench_driver.py --quick: the same steps, forked from one process that imported once
+    train              bench_train.py --quick: 1 round of 4 steps
+    estimate-imagenet  estimate_imagenet.py: arithmetic on the recorded results
+    quality-mnist      quality_study.py --quick: labels and kd-2t, 1 seed, 1 epoch, 4 shards per split,
+                       from scratch (its earlier quick output is removed first)
 
-Left out of --quick: the two extra bench_models runs (one forward at batch 32 and 1024 px takes
-over a minute per model), bench_quickstart.py (3-6 min, no smaller size), the patches quality
-study, quality_report.py and tables.py (both render the recorded full results).
+Left out of --quick: the two extra bench_models runs (batch 32 at 1024 px), bench_quickstart.py
+(the whole quickstart, minutes, no smaller size: quickstart-cpu.json has its time), the patches
+quality study, quality_report.py and tables.py (both render the recorded full results).
 
 A step whose script is missing is reported as "missing" and skipped; it does not fail the run.
 Each step runs with HF_HUB_OFFLINE=1, RAY_AUTH_MODE=disabled, RAY_USAGE_STATS_ENABLED=0 and this
 checkout first on PYTHONPATH. A summary (step, seconds, exit code) is printed and saved to
-benchmarks/results/run-all.json (results/quick/run-all.json with --quick); the exit code is 1
-if any step failed.
+benchmarks/results/run-all.json (run-all-quick-mode.json with --quick); the exit code is 1 if any
+step failed.
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -55,6 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = "benchmarks/results"
 QUICK = "benchmarks/results/quick"
+QUICK_QUALITY_WORK = "/tmp/regla-run-all-quick/mnist"
 ENV = {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
@@ -68,6 +69,8 @@ class Step:
     args: tuple[str, ...]
     quick: tuple[str, ...] | None = None  # None: left out of --quick
     note: str = ""  # shown above the command in docs/benchmarks.md
+    # Removed before the quick run: a step that resumes from its earlier output would otherwise skip its work.
+    quick_fresh: tuple[str, ...] = ()
 
     def command(self, quick: bool = False) -> list[str]:
         args = self.quick if quick else self.args
@@ -95,11 +98,11 @@ STEPS: tuple[Step, ...] = (
          note="--data keeps the images between runs"),
     Step("cache", "cache", "benchmarks/bench_cache.py",
          ("--images", "6000", "--workdir", "/tmp/bc_6k", "--out", f"{RESULTS}/cache-cpu.json"),
-         ("--quick", "--out", f"{QUICK}/cache-cpu.json"),
+         ("--quick", "--decode-workers", "1", "--out", f"{QUICK}/cache-cpu.json"),
          note="--workdir keeps the images and shards between runs"),
     Step("store-compression", "store-compression", "benchmarks/bench_store_compression.py",
          ("--out", f"{RESULTS}/store-compression.json"),
-         ("--epochs", "1", "--views", "2", "--out", f"{QUICK}/store-compression.json")),
+         ("--epochs", "1", "--views", "2", "--shards", "2", "--out", f"{QUICK}/store-compression.json")),
     Step("store-precision", "store-precision", "benchmarks/bench_store_precision.py",
          ("--out", f"{RESULTS}/store-precision.json"),
          ("--views", "100", "--out", f"{QUICK}/store-precision.json")),
@@ -109,7 +112,7 @@ STEPS: tuple[Step, ...] = (
          note="--workdir keeps the data (shards and store) between runs"),
     Step("driver", "driver", "benchmarks/bench_driver.py",
          ("--out", f"{RESULTS}/driver-scale.json"),
-         ("--out", f"{QUICK}/driver-scale.json")),
+         ("--quick", "--out", f"{QUICK}/driver-scale.json")),
     Step("train", "train", "benchmarks/bench_train.py",
          ("--out", f"{RESULTS}/train-cpu.json"),
          ("--quick", "--out", f"{QUICK}/train-cpu.json")),
@@ -121,7 +124,8 @@ STEPS: tuple[Step, ...] = (
          ("--out", f"{QUICK}/estimate-imagenet.json")),
     Step("quality-mnist", None, "benchmarks/quality_study.py", ("--dataset", "mnist"),
          ("--dataset", "mnist", "--arms", "labels,kd-2t", "--seeds", "0", "--quick",
-          "--out", f"{QUICK}/quality/mnist", "--work", "/tmp/regla-run-all-quick/mnist")),
+          "--out", f"{QUICK}/quality/mnist", "--work", QUICK_QUALITY_WORK),
+         quick_fresh=(f"{QUICK}/quality/mnist", QUICK_QUALITY_WORK)),
     Step("quality-patches", None, "benchmarks/quality_study.py", ("--dataset", "patches")),
     Step("quality-report", None, "benchmarks/quality_report.py", ()),
     Step("tables", None, "benchmarks/tables.py", ()),
@@ -156,6 +160,8 @@ def run_step(step: Step, quick: bool) -> dict:
         print(f"[{step.name}] missing: {step.script} is not in this checkout; skipped", flush=True)
         return record | {"status": "missing"}
     print(f"[{step.name}] {display(command)}", flush=True)
+    for path in step.quick_fresh if quick else ():
+        shutil.rmtree(ROOT / path, ignore_errors=True)
     env = {**os.environ, **ENV,
            "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
     started = time.perf_counter()
@@ -188,13 +194,16 @@ def main() -> None:
             missing = "" if (ROOT / step.script).exists() else "  (missing)"
             print(f"{step.name:<{width}}  {display(step.command(args.quick))}{missing}")
         return
+    from bench_quickstart import cpu_model  # this folder is the script's first sys.path entry
+
     started = time.time()
     records = [run_step(step, args.quick) for step in steps]
     print("\n" + "\n".join(summary_lines(records)))
-    out = ROOT / (QUICK if args.quick else RESULTS) / "run-all.json"
+    out = ROOT / RESULTS / ("run-all-quick-mode.json" if args.quick else "run-all.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"mode": "quick" if args.quick else "full", "started": started,
-                               "steps": records}, indent=2) + "\n")
+                               "machine": {"cpu": cpu_model(), "cpus": os.cpu_count()},
+                               "seconds": sum(r["seconds"] for r in records), "steps": records}, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
     sys.exit(1 if any(r["status"] == "failed" for r in records) else 0)
 

@@ -714,6 +714,18 @@ RANK_PLANS = {"rank_plan_world_1": "a training rank's epoch plan, world size 1",
               "rank_plan_world_8": "the same, world size 8"}
 
 
+@region("run-all-quick")
+def run_all_quick(results: Path) -> list[str]:
+    doc = load(results, "run-all-quick-mode.json")
+    failed = [s["name"] for s in doc["steps"] if s["exit_code"] != 0]
+    slowest = sorted(doc["steps"], key=lambda s: -s["seconds"])[:3]
+    return [f"The last `--quick` run took {doc['seconds'] / 60:.1f} min ({doc['seconds']:.0f} s) on "
+            f"{doc['machine']['cpus']} cores ({doc['machine']['cpu']}), "
+            + (f"with failed steps: {', '.join(failed)}" if failed else "every step exiting 0")
+            + "; the slowest steps: " + ", ".join(f"{s['name']} {s['seconds']:.0f} s" for s in slowest)
+            + " (`run-all-quick-mode.json`)."]
+
+
 @region("driver-table")
 def driver_table(results: Path) -> list[str]:
     steps = load(results, "driver-scale.json")["steps"]
@@ -750,10 +762,13 @@ def train_table(results: Path) -> list[str]:
     return table(["", "images/s", "s/step", "loader s/batch (in-process)"], rows)
 
 
-def train_ratio(doc: dict, key: str, fmt: str) -> str:
-    """The median ratio, with its per-round range where the result keeps one."""
+def train_ratio(doc: dict, key: str, fmt: str, unit: str = "") -> str:
+    """The median of the per-round ratios (each measured side by side) and their range, where the
+    result keeps them; else the ratio of the medians."""
     rounds = doc.get("rounds", {}).get(key)
-    return f"{format(doc[key], fmt)} (rounds {span(rounds, fmt)})" if rounds else format(doc[key], fmt)
+    if not rounds:
+        return format(doc[key], fmt) + unit
+    return f"{format(statistics.median(rounds), fmt)}{unit} (rounds {span(rounds, fmt)})"
 
 
 @region("train-notes")
@@ -764,15 +779,13 @@ def train_notes(results: Path) -> list[str]:
     loading = doc["loader_seconds_per_batch"]
     return [
         f"- (b) / (a) = **{train_ratio(doc, 'ratio_cached_over_labels', '.2f')}** (target >= 0.9 in every round: "
-        f"{target}): KD from the cache changes the step time by "
-        f"{100 * (doc['seconds_per_step']['cached'] / doc['seconds_per_step']['labels'] - 1):+.1f}% by median; "
-        f"joining the cached targets adds {loading['cached'] - loading['labels']:.3f} s per batch to loading, "
-        "which a loader process overlaps.",
-        f"- (b) / (c) = **{train_ratio(doc, 'speedup_cached_over_online', '.2f')}x**. The two teachers' forward pass "
-        f"alone takes {doc['teacher_forward_seconds_per_batch']:.3f} s per batch; adding it to (b)'s step predicts "
-        f"{doc['predicted_speedup_from_teacher_share']:.2f}x.",
-        f"- (a) / (d) = **{train_ratio(doc, 'speedup_channels_last', '.2f')}x** for channels_last (NHWC, the default) "
-        "on this CPU.",
+        f"{target}). Joining the cached targets changes loading by {loading['cached'] - loading['labels']:+.3f} s "
+        "per batch, which a loader process overlaps.",
+        f"- (b) / (c) = **{train_ratio(doc, 'speedup_cached_over_online', '.2f', 'x')}**. The two teachers' forward "
+        f"pass alone takes {doc['teacher_forward_seconds_per_batch']:.3f} s per batch; adding it to (b)'s median step "
+        f"predicts {doc['predicted_speedup_from_teacher_share']:.2f}x.",
+        f"- (a) / (d) = **{train_ratio(doc, 'speedup_channels_last', '.2f', 'x')}** for channels_last (NHWC, the "
+        "default) on this CPU.",
     ]
 
 
@@ -1048,7 +1061,7 @@ def store_format_compression(results: Path) -> list[str]:
 def training_channels_last(results: Path) -> list[str]:
     doc = load(results, "train-cpu.json")
     return [f"channels_last made {doc['model']}'s training step "
-            f"{train_ratio(doc, 'speedup_channels_last', '.2f')}x as fast as NCHW at {doc['img_size']} px, batch "
+            f"{train_ratio(doc, 'speedup_channels_last', '.2f', 'x')} as fast as NCHW at {doc['img_size']} px, batch "
             f"{doc['batch_size']}, on a {doc['cpus']}-core CPU (`train-cpu.json`, from "
             f"{produced_by('train-cpu.json')}; "
             "[benchmarks](benchmarks.md#student-training-throughput-benchmarksbench_trainpy))."]
