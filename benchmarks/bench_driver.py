@@ -208,9 +208,9 @@ def main() -> None:
         extra = {k: v for k, v in results[name].items() if k not in ("seconds", "peak_rss_mb", "above_imports_mb")}
         print(f"{name:>18}: {results[name]['seconds']:6.2f} s, peak RSS {results[name]['peak_rss_mb']:5.0f} MB "
               f"({results[name]['above_imports_mb']:+.0f} MB over the imports) {extra or ''}", flush=True)
-    out = {"benchmark": "driver at ImageNet scale", "processes": "forked" if args.quick else "spawned", "samples": SAMPLES, "shards": SHARDS, "classes": CLASSES,
-           "teachers": TEACHERS, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                             "python": sys.version.split()[0]},
+    out = {"benchmark": "driver at ImageNet scale", "processes": "forked" if args.quick else "spawned",
+           "samples": SAMPLES, "shards": SHARDS, "classes": CLASSES, "teachers": TEACHERS,
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
            "steps": results}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

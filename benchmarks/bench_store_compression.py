@@ -128,7 +128,8 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=10)
     parser.add_argument("--leftover-topk", type=int, default=5, help="k of the second store (k < classes)")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--shards", type=int, default=None, help="use the first N shards of 500 samples (default: all 8)")
+    parser.add_argument("--shards", type=int, default=None,
+                        help="use the first N shards of 500 samples (default: all 8)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "store-compression.json"))
     args = parser.parse_args()
 

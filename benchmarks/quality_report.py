@@ -229,8 +229,8 @@ def render(all_runs: dict) -> str:
         "",
     ]
     for dataset, runs in sorted(all_runs.items()):
-        lines += [f"## {DATASET_NAMES.get(dataset, dataset)}", "", recipe_line(runs), "", run_time_line(runs), "", "Teachers:", "",
-                  *teacher_lines(runs), "", *arm_table(dataset, runs), "", *summary(runs), "",
+        lines += [f"## {DATASET_NAMES.get(dataset, dataset)}", "", recipe_line(runs), "", run_time_line(runs), "",
+                  "Teachers:", "", *teacher_lines(runs), "", *arm_table(dataset, runs), "", *summary(runs), "",
                   *last_epoch_line(runs), "", *cached_vs_online(runs), ""]
     lines += ["## Plots", "",
               "![accuracy vs views](quality/accuracy-vs-views.png)", "",
