@@ -36,6 +36,10 @@ def load(results: str) -> dict[str, dict[str, list[dict]]]:
     return runs
 
 
+def is_teacher(run_name: str) -> bool:
+    return run_name.startswith("teacher-")
+
+
 def stats(runs: list[dict], key: str = "top1") -> tuple[float, float, int]:
     values = [r["final"][key] for r in runs]
     spread = statistics.stdev(values) if len(values) > 1 else float("nan")
@@ -83,7 +87,7 @@ def arm_table(dataset: str, runs: dict[str, list[dict]]) -> list[str]:
 
 
 def teacher_lines(runs: dict[str, list[dict]]) -> list[str]:
-    teachers = sorted(name for name in runs if name.startswith("teacher-"))
+    teachers = sorted(filter(is_teacher, runs))
     return [f"- `{runs[t][0]['model']}`: {runs[t][0]['final']['top1']:.2f}% val top-1 "
             f"({runs[t][0]['recipe']['teacher_epochs']} epochs on labels, seed 0)" for t in teachers]
 
@@ -170,7 +174,7 @@ def plot_curves(all_runs: dict, path: str) -> None:
 
 
 def recipe_line(runs: dict[str, list[dict]]) -> str:
-    any_run = next(r[0] for name, r in runs.items() if not name.startswith("teacher-"))
+    any_run = next(r[0] for name, r in runs.items() if not is_teacher(name))
     recipe = any_run["recipe"]
     machine = any_run.get("machine", {})
     return (f"Recipe (every arm): student `regla_t` at {recipe['img_size']} px, {recipe['student_epochs']} epochs, "
@@ -185,8 +189,8 @@ def run_time_line(runs: dict[str, list[dict]]) -> str:
     def minutes(names: list[str]) -> float:
         return sum(r["seconds"] for name in names for r in runs[name]) / 60
 
-    teachers = [n for n in runs if n.startswith("teacher-")]
-    students = [n for n in runs if not n.startswith("teacher-")]
+    teachers = [n for n in runs if is_teacher(n)]
+    students = [n for n in runs if not is_teacher(n)]
     count = sum(len(runs[n]) for n in students)
     return (f"Run time: {minutes(teachers):.0f} min for the teachers and {minutes(students):.0f} min for the "
             f"{count} student runs, summed over runs (the study trains two at a time).")
@@ -194,7 +198,7 @@ def run_time_line(runs: dict[str, list[dict]]) -> str:
 
 def studied(results: str) -> dict[str, dict[str, list[dict]]]:
     """The datasets with at least one student run."""
-    return {d: r for d, r in load(results).items() if any(not n.startswith("teacher-") for n in r)}
+    return {d: r for d, r in load(results).items() if not all(map(is_teacher, r))}
 
 
 def render(all_runs: dict) -> str:

@@ -115,13 +115,11 @@ def make_shards(dataset: str, work: str) -> tuple[str, str]:
 
 def first_shards(manifest: str, count: int) -> str:
     """A manifest of the first ``count`` shards of ``manifest``, beside it (the quick run's subset)."""
-    from pipeline.data.shards import ShardInfo, read_manifest, write_manifest
+    from pipeline.data.shards import index_dataset, read_manifest, write_manifest
 
-    full = read_manifest(manifest)
-    shards = [ShardInfo(url="", name=s["name"], num_samples=s["num_samples"], keys_sha256=s["keys_sha256"])
-              for s in full["shards"][:count]]
+    dataset = index_dataset(manifest)
     path = manifest.removesuffix(".json") + f"-first{count}.json"
-    write_manifest(path, full["split"], shards, full["class_names"])
+    write_manifest(path, read_manifest(manifest)["split"], dataset.shards[:count], dataset.class_names)
     return path
 
 
