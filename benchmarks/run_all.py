@@ -35,8 +35,9 @@ quality study, quality_report.py and tables.py (both render the recorded full re
 A step whose script is missing is reported as "missing" and skipped; it does not fail the run.
 Each step runs with HF_HUB_OFFLINE=1, RAY_AUTH_MODE=disabled, RAY_USAGE_STATS_ENABLED=0 and this
 checkout first on PYTHONPATH. A summary (step, seconds, exit code) is printed and saved to
-benchmarks/results/run-all.json (run-all-quick-mode.json with --quick); the exit code is 1 if any
-step failed.
+benchmarks/results/run-all.json (run-all-quick-mode.json with --quick; an --only run's summary is
+printed only, so that a part never replaces the recorded summary of a whole run); the exit code
+is 1 if any step failed.
 """
 
 from __future__ import annotations
@@ -199,13 +200,16 @@ def main() -> None:
     started = time.time()
     records = [run_step(step, args.quick) for step in steps]
     print("\n" + "\n".join(summary_lines(records)))
+    code = 1 if any(r["status"] == "failed" for r in records) else 0
+    if args.only:  # a part of the run: saving it would replace the recorded summary of a whole one
+        sys.exit(code)
     out = ROOT / RESULTS / ("run-all-quick-mode.json" if args.quick else "run-all.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"mode": "quick" if args.quick else "full", "started": started,
                                "machine": {"cpu": cpu_model(), "cpus": os.cpu_count()},
                                "seconds": sum(r["seconds"] for r in records), "steps": records}, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
-    sys.exit(1 if any(r["status"] == "failed" for r in records) else 0)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
